@@ -1,0 +1,109 @@
+"""The `platescope` command: one verb per job.
+
+Flags and `key=value` overrides both set config fields; a YAML job file (--config) gives the rest.
+Precedence: job file < flags < key=value. Exit codes: 0 done, 1 the run finished above its error
+budget, 2 the job could not start (bad config, unreadable input, unwritable output, missing model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_ERROR_BUDGET = 1
+EXIT_CANNOT_START = 2
+
+# flag -> config field; flags left unset do not override the job file.
+DETECT_FLAGS = {
+    "input": "input", "output": "output", "model": "model", "run_id": "run_id", "detector": "detector",
+    "threshold": "threshold", "video_fps": "video_fps", "batch_size": "batch_size",
+    "max_error_fraction": "max_error_fraction", "max_pixels": "max_pixels", "address": "address",
+    "num_actors_min": "num_actors_min", "num_actors_max": "num_actors_max",
+    "num_gpus_per_actor": "num_gpus_per_actor", "device": "device",
+}
+DETECT_SWITCHES = {"strict": "strict", "incremental": "incremental", "no_progress": "progress"}
+
+
+def _add_detect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("detect", help="detect objects in images and videos into Parquet",
+                       description="Stream images and video frames through a detector into Parquet.")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run_id=x")
+    p.add_argument("--config", help="YAML job file (local or s3://)")
+    p.add_argument("--input", nargs="+", help="local folders/files or s3:// prefixes")
+    p.add_argument("--output", help="output root; the run writes <output>/<run_id>/")
+    p.add_argument("--model", help="model dir (local or s3://) or hub id")
+    p.add_argument("--run-id", dest="run_id", help="run name; rerun the same to resume")
+    p.add_argument("--detector", choices=["hf"], help="detector family (default hf)")
+    p.add_argument("--threshold", type=float, help="minimum box score (default 0.3)")
+    p.add_argument("--video-fps", dest="video_fps", type=float, help="video frames sampled per second (default 1)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per detector call (default 8)")
+    p.add_argument("--max-error-fraction", dest="max_error_fraction", type=float,
+                   help="exit non-zero above this share of error rows (default 0.1)")
+    p.add_argument("--max-pixels", dest="max_pixels", type=int, help="larger images are error rows")
+    p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-actors-min", dest="num_actors_min", type=int, help="fewest detector actors")
+    p.add_argument("--num-actors-max", dest="num_actors_max", type=int, help="most detector actors")
+    p.add_argument("--num-gpus-per-actor", dest="num_gpus_per_actor", type=float, help="GPUs per actor")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="unsupported file types become error rows instead of being skipped")
+    p.add_argument("--incremental", action="store_true", default=None,
+                   help="only inputs no earlier run under --output has finished")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", default=None,
+                   help="no progress bar")
+    p.set_defaults(func=_cmd_detect)
+
+
+def detect_config_from_args(args: argparse.Namespace):
+    from platescope.config import DetectConfig, build_config
+
+    values = {field: getattr(args, flag) for flag, field in DETECT_FLAGS.items() if getattr(args, flag) is not None}
+    for flag, field in DETECT_SWITCHES.items():
+        if getattr(args, flag):
+            values[field] = flag != "no_progress"
+    return build_config(DetectConfig, file=args.config, values=values, overrides=args.overrides)
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from platescope.config import ConfigError
+    from platescope.pipeline.run import PreflightError, run_detect, summary_text
+
+    try:
+        cfg = detect_config_from_args(args)
+        result = run_detect(cfg)
+    except (ConfigError, PreflightError) as e:
+        print(f"platescope detect: error: {e}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    print(summary_text(result))
+    if result.failed_error_budget:
+        s = result.summary
+        print(f"platescope detect: error: {s['errors']} of {s['rows']} rows are errors "
+              f"({s['error_fraction']:.1%}), above --max-error-fraction {s['max_error_fraction']:.1%}",
+              file=sys.stderr)
+        return EXIT_ERROR_BUDGET
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="platescope", description=__doc__.splitlines()[0])
+    from platescope import __version__
+
+    parser.add_argument("--version", action="version", version=f"platescope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_detect(sub)
+    from platescope import bench, demo
+
+    bench.add_parser(sub)
+    demo.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Typed job configs: a YAML file, then `key=value` overrides, strict about every field.
+
+A misspelt key or a bad value fails at once with a message naming the field, before any work starts.
+The resolved config is saved beside a run's outputs with secrets masked.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from platescope.storage import S3Options
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and the problem in one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class S3Config(_Strict):
+    """S3 access. Unset fields fall back to the AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...)."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. http://127.0.0.1:8333 or a MinIO URL")
+    region: str | None = Field(None, description="S3 region name")
+    access_key_id: SecretStr | None = Field(None, description="access key; prefer the environment")
+    secret_access_key: SecretStr | None = Field(None, description="secret key; prefer the environment")
+    anon: bool = Field(False, description="anonymous access to public buckets")
+
+    def options(self) -> S3Options:
+        return S3Options(
+            endpoint_url=self.endpoint_url,
+            region=self.region,
+            access_key_id=self.access_key_id.get_secret_value() if self.access_key_id else None,
+            secret_access_key=self.secret_access_key.get_secret_value() if self.secret_access_key else None,
+            anon=self.anon,
+        )
+
+
+def default_run_id() -> str:
+    return "run-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+class DetectConfig(_Strict):
+    """Everything a `detect` run needs. Counts are named num_*."""
+
+    input: list[str] = Field(..., min_length=1, description="local folders/files or s3:// prefixes, listed recursively")
+    output: str = Field(..., description="output root; the run writes into <output>/<run_id>/")
+    model: str = Field(..., description="model dir (local or s3://) or a hub id")
+    run_id: str = Field(default_factory=default_run_id, description="names the run's folder; rerun to resume")
+    detector: Literal["hf"] = Field("hf", description="detector family")
+    threshold: float = Field(0.3, ge=0.0, le=1.0, description="minimum score of a kept box")
+    video_fps: float = Field(1.0, gt=0.0, description="frames per second sampled from videos")
+    batch_size: int = Field(8, ge=1, le=4096, description="images per detector call")
+    num_actors_min: int = Field(1, ge=1, description="fewest detector actors")
+    num_actors_max: int = Field(1, ge=1, description="most detector actors (autoscaling between min and max)")
+    num_gpus_per_actor: float | None = Field(
+        None, ge=0.0, description="GPUs per actor; default 1 when the cluster has GPUs, else 0"
+    )
+    num_cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs reserved per detector actor")
+    num_threads_per_actor: int | None = Field(
+        None, ge=1, description="torch threads in each actor; default: all cores of its node on CPU"
+    )
+    num_cpus_per_decoder: float = Field(0.5, gt=0.0, description="CPUs reserved per fetch+decode task")
+    num_inputs_per_shard: int = Field(
+        64, ge=1, description="images per shard, the unit of resume (each video is a shard of its own)"
+    )
+    max_pixels: int = Field(100_000_000, ge=1, description="larger images or frames are errors (decompression bomb)")
+    max_error_fraction: float = Field(0.1, ge=0.0, le=1.0, description="exit non-zero above this share of error rows")
+    strict: bool = Field(False, description="unsupported file types are error rows instead of skipped")
+    incremental: bool = Field(False, description="process only inputs no earlier run under output has seen")
+    address: str | None = Field(None, description="Ray cluster to join (else RAY_ADDRESS, else a local Ray)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="model dtype")
+    trust_remote_code: bool = Field(False, description="allow model code from the model dir/hub")
+    allow_unsafe_weights: bool = Field(False, description="allow pickle (.bin) weights, not just safetensors")
+    progress: bool = Field(True, description="show a progress bar")
+    s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials")
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_a_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+            raise ValueError("must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
+    @field_validator("output", "model")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _actor_range(self) -> DetectConfig:
+        if self.num_actors_max < self.num_actors_min:
+            raise ValueError(
+                f"num_actors_max ({self.num_actors_max}) is below num_actors_min ({self.num_actors_min})"
+            )
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """JSON-ready config with secrets masked, as saved beside the outputs."""
+        return self.model_dump(mode="json")
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"]) or "(config)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (misspelt?)"
+        parts.append(f"{field}: {msg}")
+    return f"invalid config ({source}): " + "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML, so numbers, booleans and lists get their types)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value")
+    key, raw = text.split("=", 1)
+    if not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError(f"override '{text}': '{key}' is not a field name")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    # Keep strings that YAML would turn into something surprising (dates, null for an empty run id).
+    if isinstance(value, (_dt.date, _dt.datetime)):
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: '{part}' is not a section")
+    node[path[-1]] = value
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    from platescope import storage
+
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: must be a mapping of fields, not {type(data).__name__}")
+    return data
+
+
+def build_config(
+    model_cls: type[BaseModel],
+    *,
+    file: str | None = None,
+    values: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> Any:
+    """YAML file < explicit values (CLI flags) < key=value overrides, validated strictly."""
+    data: dict[str, Any] = load_yaml(file) if file else {}
+    for key, value in (values or {}).items():
+        _set_path(data, key.split("."), value)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        # A list field given one string (input=s3://x) means a list of one.
+        if path == ["input"] and isinstance(value, str):
+            value = [value]
+        _set_path(data, path, value)
+    if isinstance(data.get("input"), str):
+        data["input"] = [data["input"]]
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, file or "command line")) from None

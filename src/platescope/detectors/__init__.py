@@ -1,0 +1,1 @@
+"""Detectors: Ray-agnostic models that turn RGB images into Detections."""

@@ -1,0 +1,195 @@
+"""The detect job: preflight -> manifest -> Ray Data graph -> shard sink -> summary.
+
+    manifest shards --flat_map(decode_shard, CPU tasks)--> rows with images
+                    --map_batches(DetectorActor, actor pool)--> detection rows
+                    --iter_batches (driver)--> ShardSink: Parquet part + marker per whole shard
+
+Nothing materialises the dataset: Ray Data streams blocks with backpressure, and only small detection
+rows come back to the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from platescope import storage
+from platescope.config import DetectConfig
+from platescope.pipeline.summary import build_summary, format_summary, write_summary
+from platescope.sources import manifest as manifest_mod
+from platescope.storage import S3Options
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class PreflightError(ValueError):
+    """The run cannot start; the message is one line naming the input and the problem."""
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+
+    @property
+    def failed_error_budget(self) -> bool:
+        return self.summary["error_fraction"] > self.summary["max_error_fraction"]
+
+
+def check_model(model: str, s3: S3Options | None, trust_remote_code: bool) -> None:
+    """Fail fast on a model that cannot load, without loading its weights."""
+    if storage.is_s3(model):
+        try:
+            ok = storage.exists(storage.join(model, "config.json"), s3)
+        except Exception as e:  # noqa: BLE001
+            raise PreflightError(f"model {model}: cannot be read ({type(e).__name__}: {e})") from None
+        if not ok:
+            raise PreflightError(f"model {model}: no config.json there (not a model dir)")
+        return
+    if os.path.exists(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise PreflightError(f"model {model}: not a model dir (no config.json in it)")
+        return
+    if model.startswith((".", "/", "~")) or not HUB_ID.match(model):
+        raise PreflightError(f"model {model}: no such directory")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, gated: say which
+        raise PreflightError(f"model {model}: not a local dir, and not loadable as a hub id ({e})") from None
+
+
+def preflight(cfg: DetectConfig) -> None:
+    s3 = cfg.s3.options()
+    check_model(cfg.model, s3, cfg.trust_remote_code)
+    try:
+        storage.check_writable(cfg.output, s3)
+    except Exception as e:  # noqa: BLE001
+        raise PreflightError(f"output {cfg.output}: cannot be written ({type(e).__name__}: {e})") from None
+
+
+def _start_ray(address: str | None) -> bool:
+    """Join the cluster at address (or RAY_ADDRESS), else start a local Ray; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        # "local" rather than None: never attach by accident to a `ray start` head on this machine.
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def _detector_spec(cfg: DetectConfig, s3: S3Options, num_gpus: float) -> dict[str, Any]:
+    threads = cfg.num_threads_per_actor
+    if threads is None and num_gpus == 0:
+        # Ray pins actors to OMP_NUM_THREADS=num_cpus; on CPU the model is the bottleneck, so let
+        # torch use this node's share of cores (decoding is cheap next to the model).
+        threads = max(int(cfg.num_cpus_per_actor), (os.cpu_count() or 1) // cfg.num_actors_max)
+    return {
+        "detector": cfg.detector, "model": cfg.model, "threshold": cfg.threshold,
+        "device": cfg.device if num_gpus > 0 or cfg.device != "auto" else "cpu", "dtype": cfg.dtype,
+        "trust_remote_code": cfg.trust_remote_code, "allow_unsafe_weights": cfg.allow_unsafe_weights,
+        "s3": s3, "num_threads": threads, "prompt": None,
+    }
+
+
+def run_detect(cfg: DetectConfig) -> RunResult:
+    started = time.monotonic()
+    s3 = cfg.s3.options()
+    preflight(cfg)
+    run_dir = storage.join(cfg.output, cfg.run_id)
+
+    def create_manifest() -> manifest_mod.Manifest:
+        exclude = manifest_mod.finished_inputs(cfg.output, cfg.run_id, s3) if cfg.incremental else None
+        return manifest_mod.list_inputs(cfg.input, s3=s3, strict=cfg.strict,
+                                        num_inputs_per_shard=cfg.num_inputs_per_shard, exclude=exclude)
+
+    try:
+        manifest, resumed = manifest_mod.load_or_create(run_dir, create_manifest, s3)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    storage.write_bytes_atomic(storage.join(run_dir, CONFIG_FILE),
+                               json.dumps(cfg.resolved(), indent=2).encode(), s3)
+    done_before = manifest_mod.done_shards(run_dir, s3) if resumed else {}
+    shards = manifest.shards()
+    todo = [{"shard": k, "entries": v} for k, v in shards.items() if k not in done_before]
+    if resumed:
+        log.warning("resuming run %s: %d of %d shards already done", cfg.run_id, len(done_before), len(shards))
+
+    stats = _execute(cfg, s3, run_dir, todo) if todo else {"rows": 0, "steady_rows_per_s": None}
+    done = manifest_mod.done_shards(run_dir, s3)
+    summary = build_summary(
+        run_id=cfg.run_id, run_dir=run_dir, manifest=manifest, done=done,
+        num_resumed_shards=len(done_before), wall_time_s=time.monotonic() - started,
+        rows_this_attempt=stats["rows"], max_error_fraction=cfg.max_error_fraction,
+    )
+    summary["rows_per_s_steady"] = stats["steady_rows_per_s"]
+    write_summary(summary, run_dir, s3)
+    return RunResult(summary)
+
+
+def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict]) -> dict[str, Any]:
+    """Run the graph over the shards still to do; returns rows processed and steady throughput.
+
+    Steady throughput counts from the first result to the last, leaving out Ray start-up and model
+    loading, which a long run amortises.
+    """
+    import ray
+    from tqdm import tqdm
+
+    from platescope.pipeline.actor import DetectorActor
+    from platescope.pipeline.decode import decode_shard
+    from platescope.pipeline.sink import ShardSink
+
+    started_ray = _start_ray(cfg.address)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # ours below counts shards and rows, Ray's would interleave
+        num_gpus = cfg.num_gpus_per_actor
+        if num_gpus is None:
+            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and cfg.device != "cpu" else 0.0
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = ds.flat_map(decode_shard, fn_kwargs={"s3": s3, "video_fps": cfg.video_fps,
+                                                  "max_pixels": cfg.max_pixels},
+                         num_cpus=cfg.num_cpus_per_decoder)
+        ds = ds.map_batches(
+            DetectorActor, fn_constructor_kwargs={"spec": _detector_spec(cfg, s3, num_gpus)},
+            batch_size=cfg.batch_size, batch_format="numpy",
+            concurrency=(cfg.num_actors_min, cfg.num_actors_max),
+            num_cpus=cfg.num_cpus_per_actor, num_gpus=num_gpus,
+        )
+        sink = ShardSink(run_dir, cfg.run_id, s3)
+        rows = 0
+        first_at = first_rows = None
+        with tqdm(total=len(todo), unit="shard", disable=not cfg.progress, desc=f"detect {cfg.run_id}") as bar:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                rows += batch.num_rows
+                if first_at is None:
+                    first_at, first_rows = time.monotonic(), batch.num_rows
+                completed = sink.add(batch)
+                bar.update(len(completed))
+                bar.set_postfix(rows=rows, refresh=False)
+        if sink.pending:
+            raise RuntimeError(f"shards left incomplete: {sorted(sink.pending)[:5]}")
+        elapsed = time.monotonic() - first_at if first_at is not None else 0.0
+        steady = (rows - first_rows) / elapsed if elapsed > 0 else None
+        return {"rows": rows, "steady_rows_per_s": round(steady, 3) if steady else None}
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def summary_text(result: RunResult) -> str:
+    return format_summary(result.summary)

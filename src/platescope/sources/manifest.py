@@ -1,0 +1,166 @@
+"""A run's inputs, listed once and fixed: the manifest, split into shards (the unit of resume).
+
+The manifest is written to `<run>/manifest.parquet` before any work; a rerun of the same run id reads
+it back instead of listing again, so a resumed run processes exactly the inputs the first attempt saw.
+Images are grouped `num_inputs_per_shard` to a shard; each video is a shard of its own.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from platescope import storage
+from platescope.sources import media_kind
+from platescope.storage import S3Options
+
+MANIFEST_FILE = "manifest.parquet"
+DONE_DIR = "_done"
+VIDEO_SHARD_PREFIX = "v"
+IMAGE_SHARD_PREFIX = "i"
+
+
+def is_video_shard(shard: str) -> bool:
+    return shard.startswith(VIDEO_SHARD_PREFIX)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("kind", pa.string()),  # image | video | unsupported (only kept with --strict)
+        ("size", pa.int64()),
+        ("version", pa.string()),
+        ("input_root", pa.string()),
+        ("shard", pa.string()),
+    ]
+)
+
+
+@dataclass
+class Manifest:
+    entries: list[dict] = field(default_factory=list)
+    num_skipped: int = 0  # unsupported files left out (not error rows because --strict was off)
+
+    def shards(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for e in self.entries:
+            out.setdefault(e["shard"], []).append(e)
+        return out
+
+    def to_parquet_bytes(self) -> bytes:
+        table = pa.Table.from_pylist(self.entries, schema=MANIFEST_SCHEMA)
+        table = table.replace_schema_metadata({"num_skipped": str(self.num_skipped)})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_parquet_bytes(cls, data: bytes) -> Manifest:
+        table = pq.read_table(io.BytesIO(data))
+        meta = table.schema.metadata or {}
+        return cls(entries=table.to_pylist(), num_skipped=int(meta.get(b"num_skipped", b"0")))
+
+
+def list_inputs(
+    inputs: list[str],
+    *,
+    s3: S3Options | None,
+    strict: bool,
+    num_inputs_per_shard: int,
+    exclude: set[tuple[str, str]] | None = None,
+) -> Manifest:
+    """List every input recursively and assign shards.
+
+    Raises ValueError naming the input when one cannot be listed or holds no file at all.
+    `exclude` holds (uri, version) pairs an earlier run finished (for --incremental).
+    """
+    manifest = Manifest()
+    seen: set[str] = set()
+    for root in inputs:
+        try:
+            objects = storage.list_objects(root, s3)
+        except FileNotFoundError:
+            raise ValueError(f"input {root}: does not exist") from None
+        except Exception as e:  # noqa: BLE001 - credentials, DNS, permissions: all one clear line
+            raise ValueError(f"input {root}: cannot be listed ({type(e).__name__}: {e})") from None
+        if not objects:
+            raise ValueError(f"input {root}: is empty")
+        for obj in objects:
+            if obj.uri in seen:  # overlapping inputs must not give two rows for one object
+                continue
+            seen.add(obj.uri)
+            kind = media_kind(obj.uri)
+            if kind is None:
+                if not strict:
+                    manifest.num_skipped += 1
+                    continue
+                kind = "unsupported"
+            if exclude and (obj.uri, obj.version) in exclude:
+                continue
+            manifest.entries.append(
+                {"uri": obj.uri, "kind": kind, "size": obj.size, "version": obj.version,
+                 "input_root": root, "shard": ""}
+            )
+    _assign_shards(manifest.entries, num_inputs_per_shard)
+    return manifest
+
+
+def _assign_shards(entries: list[dict], num_inputs_per_shard: int) -> None:
+    num_videos = 0
+    num_images = 0
+    for e in entries:
+        if e["kind"] == "video":
+            e["shard"] = f"{VIDEO_SHARD_PREFIX}{num_videos:06d}"
+            num_videos += 1
+        else:
+            e["shard"] = f"{IMAGE_SHARD_PREFIX}{num_images // num_inputs_per_shard:06d}"
+            num_images += 1
+
+
+def load_or_create(run_dir: str, create, s3: S3Options | None) -> tuple[Manifest, bool]:
+    """The run's manifest and whether it already existed (a resumed run)."""
+    uri = storage.join(run_dir, MANIFEST_FILE)
+    if storage.exists(uri, s3):
+        return Manifest.from_parquet_bytes(storage.read_bytes(uri, s3)), True
+    manifest = create()
+    storage.write_bytes_atomic(uri, manifest.to_parquet_bytes(), s3)
+    return manifest, False
+
+
+def done_shards(run_dir: str, s3: S3Options | None) -> dict[str, dict]:
+    """Completion markers of a run: shard id -> the counts its marker holds."""
+    uri = storage.join(run_dir, DONE_DIR)
+    if not storage.exists(uri, s3):
+        return {}
+    out = {}
+    for obj in storage.list_objects(uri, s3):
+        name = obj.uri.rsplit("/", 1)[-1]
+        if name.endswith(".json"):
+            out[name[: -len(".json")]] = json.loads(storage.read_bytes(obj.uri, s3))
+    return out
+
+
+def finished_inputs(output_root: str, current_run_id: str, s3: S3Options | None) -> set[tuple[str, str]]:
+    """(uri, version) of every input that an earlier run under `output_root` finished.
+
+    An input counts as seen only once its shard's completion marker exists, so an input of a run that
+    died before reaching it is still picked up by the next incremental run.
+    """
+    fs, root = storage.filesystem(output_root, s3)
+    if not fs.exists(root):
+        return set()
+    seen: set[tuple[str, str]] = set()
+    for path in fs.ls(root, detail=False):
+        run_dir = storage.to_uri(fs, path)
+        if run_dir.rstrip("/").rsplit("/", 1)[-1] == current_run_id:
+            continue
+        manifest_uri = storage.join(run_dir, MANIFEST_FILE)
+        if not storage.exists(manifest_uri, s3):
+            continue
+        done = done_shards(run_dir, s3)
+        manifest = Manifest.from_parquet_bytes(storage.read_bytes(manifest_uri, s3))
+        seen.update((e["uri"], e["version"]) for e in manifest.entries if e["shard"] in done)
+    return seen

@@ -1,0 +1,168 @@
+"""URIs for local paths and s3:// objects, through fsspec.
+
+Everything that touches inputs, outputs or model dirs goes through here, so local disk and object
+storage behave the same (keys with spaces, '#', '%' and non-ASCII characters included).
+S3 endpoint and credentials come from the usual AWS environment variables unless `S3Options` sets
+them; botocore does the retries.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach S3; None means "take it from the AWS environment" (AWS_ENDPOINT_URL, ...)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    anon: bool = False
+
+    def fs_kwargs(self) -> dict[str, Any]:
+        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+            "AWS_ENDPOINT_URL"
+        )
+        kwargs: dict[str, Any] = {"anon": self.anon, "use_listings_cache": False}
+        if endpoint:
+            kwargs["endpoint_url"] = endpoint
+        if self.region:
+            kwargs["client_kwargs"] = {"region_name": self.region}
+        if self.access_key_id:
+            kwargs["key"] = self.access_key_id
+        if self.secret_access_key:
+            kwargs["secret"] = self.secret_access_key
+        return kwargs
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def filesystem(uri: str, s3: S3Options | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem that holds `uri` and the path to hand it."""
+    if is_s3(uri):
+        import s3fs
+
+        return s3fs.S3FileSystem(**(s3 or S3Options()).fs_kwargs()), uri[len("s3://"):]
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"{uri}: unsupported URI scheme (use a local path or s3://bucket/prefix)")
+    return LocalFileSystem(), os.path.abspath(_local_path(uri))
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return path if isinstance(fs, LocalFileSystem) else "s3://" + path.lstrip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(_local_path(uri), *parts)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    uri: str
+    size: int
+    version: str  # what changes when the object changes: ETag on S3, mtime locally
+
+
+def _info(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> ObjectInfo:
+    version = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+    return ObjectInfo(uri=to_uri(fs, path), size=int(info.get("size") or 0), version=str(version).strip('"'))
+
+
+def list_objects(uri: str, s3: S3Options | None = None) -> list[ObjectInfo]:
+    """Every file at or under `uri`, recursively, sorted by URI. Raises FileNotFoundError if none."""
+    fs, path = filesystem(uri, s3)
+    # info() rather than exists(): s3fs's exists() answers False for a bucket it may not read,
+    # which would turn wrong credentials into "not found"; info() raises PermissionError.
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no such file, folder or prefix") from None
+    if info.get("type") != "directory":
+        return [_info(fs, path, info)]
+    found = fs.find(path, detail=True)
+    return sorted((_info(fs, p, i) for p, i in found.items() if i.get("type") != "directory"),
+                  key=lambda o: o.uri)
+
+
+def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
+    fs, path = filesystem(uri, s3)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def open_read(uri: str, s3: S3Options | None = None):
+    """A seekable binary file object (streams from S3 in blocks rather than reading it whole)."""
+    fs, path = filesystem(uri, s3)
+    return fs.open(path, "rb")
+
+
+def exists(uri: str, s3: S3Options | None = None) -> bool:
+    fs, path = filesystem(uri, s3)
+    return fs.exists(path)
+
+
+def write_bytes_atomic(uri: str, data: bytes, s3: S3Options | None = None) -> None:
+    """Readers see either the old object or the whole new one, never a part.
+
+    An S3 PUT is atomic already; on local disk we write a temporary sibling and rename it.
+    """
+    fs, path = filesystem(uri, s3)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def remove(uri: str, s3: S3Options | None = None) -> None:
+    fs, path = filesystem(uri, s3)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def check_writable(uri: str, s3: S3Options | None = None) -> None:
+    """Write and delete a probe object under `uri`; raises with the reason if that fails."""
+    probe = join(uri, f".platescope-write-probe-{uuid.uuid4().hex}")
+    write_bytes_atomic(probe, b"ok", s3)
+    remove(probe, s3)
+
+
+def download_dir(uri: str, dest: str, s3: S3Options | None = None) -> str:
+    """Copy a remote folder to local `dest` (kept as a cache keyed by the caller); returns dest."""
+    fs, root = filesystem(uri, s3)
+    root = root.rstrip("/")
+    dest_abs = os.path.abspath(dest)
+    os.makedirs(dest, exist_ok=True)
+    for obj in list_objects(uri, s3):
+        # Relative to the filesystem path, not to `uri`: "file://", relative local paths and
+        # trailing slashes make the URI and the listed paths differ in length.
+        path = filesystem(obj.uri, s3)[1]
+        rel = path[len(root) + 1:] if path != root else posixpath.basename(path)
+        target = os.path.abspath(os.path.join(dest, rel))
+        if not target.startswith(dest_abs + os.sep):
+            raise ValueError(f"{obj.uri}: key escapes the destination folder {dest}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get_file(path, target)
+    return dest

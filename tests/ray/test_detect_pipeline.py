@@ -1,0 +1,167 @@
+"""The detect job on a local Ray: table, counts, bad inputs, agreement with the detector, S3, incremental."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from platescope import samples, storage
+from platescope.config import DetectConfig
+from platescope.pipeline.run import PreflightError, run_detect
+from platescope.schema import DETECTIONS_SCHEMA
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def read_rows(run_dir: str) -> list[dict]:
+    table = pq.read_table(storage.join(run_dir, "data"), filesystem=storage.filesystem(run_dir)[0]
+                          if not storage.is_s3(run_dir) else None)
+    assert table.schema.equals(DETECTIONS_SCHEMA, check_metadata=False)
+    return table.to_pylist()
+
+
+def config(tmp_path, inputs, model, **kw) -> DetectConfig:
+    kw.setdefault("threshold", 0.0)
+    kw.setdefault("progress", False)
+    kw.setdefault("num_inputs_per_shard", 4)
+    kw.setdefault("max_error_fraction", 1.0)
+    return DetectConfig(input=inputs, output=str(tmp_path / "out"), model=model, **kw)
+
+
+def test_images_video_and_bad_inputs_become_one_row_each(tmp_path, tiny_model, mixed_inputs):
+    cfg = config(tmp_path, [str(mixed_inputs.root)], tiny_model, run_id="mixed", video_fps=2)
+    summary = run_detect(cfg).summary
+    rows = read_rows(str(tmp_path / "out" / "mixed"))
+
+    by_uri: dict[str, list[dict]] = {}
+    for r in rows:
+        by_uri.setdefault(os.path.basename(r["source_uri"]), []).append(r)
+    # Every good image: exactly one row, no error, boxes inside the image.
+    for name in mixed_inputs.images:
+        (row,) = by_uri[name]
+        assert row["error"] is None and row["frame_index"] is None
+        assert (row["width"], row["height"]) == (640, 480)
+        assert len(row["boxes"]) == len(row["scores"]) == len(row["labels"]) > 0
+        boxes = np.array(row["boxes"])
+        assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+    # The video: frames sampled at 2 fps from a 10 fps, 40-frame clip -> frames 0,5,...,35.
+    frames = sorted(by_uri["clip.mp4"], key=lambda r: r["frame_index"])
+    assert [r["frame_index"] for r in frames] == list(range(0, 40, 5))
+    assert [r["timestamp_s"] for r in frames] == pytest.approx([i * 0.5 for i in range(8)], abs=1e-6)
+    # Bad inputs: one error row each, naming the problem; odd but valid formats detect normally.
+    expect_error = {"zero_byte": "empty_file", "truncated_jpeg": "truncated_image", "text_as_jpg": "not_an_image",
+                    "corrupt_mp4": "corrupt_video", "audio_only_mp4": "no_video_stream"}
+    for case, kind in expect_error.items():
+        (row,) = by_uri[mixed_inputs.bad[case]]
+        assert row["error"] and row["error"].startswith(kind + ":"), (case, row["error"])
+        assert row["boxes"] == []
+    for case in ("png_alpha", "png_16bit", "greyscale_jpeg", "cmyk_jpeg"):
+        (row,) = by_uri[mixed_inputs.bad[case]]
+        assert row["error"] is None, (case, row["error"])
+    (rotated,) = by_uri[mixed_inputs.bad["exif_rotated"]]
+    assert rotated["height"] > rotated["width"]
+    assert mixed_inputs.bad["unsupported"] not in by_uri  # skipped, counted
+    assert summary["inputs_skipped_unsupported"] == 1
+    assert summary["rows"] == len(rows)
+    assert summary["frames"] == 8
+    assert summary["errors"] == sum(1 for r in rows if r["error"])
+    assert summary["errors_by_kind"]["empty_file"] == 1
+    assert summary["complete"] and summary["shards_resumed"] == 0
+    saved = json.loads((tmp_path / "out" / "mixed" / "summary.json").read_text())
+    assert saved["rows"] == summary["rows"]
+    assert (tmp_path / "out" / "mixed" / "manifest.parquet").exists()
+
+
+def test_rows_match_the_detector_run_directly(tmp_path, tiny_model, scene_dir):
+    from platescope.detectors.hf import HFDetector
+    from platescope.sources.images import decode_image
+
+    cfg = config(tmp_path, [str(scene_dir)], tiny_model, run_id="parity", batch_size=3)
+    run_detect(cfg)
+    rows = {r["source_uri"]: r for r in read_rows(str(tmp_path / "out" / "parity"))}
+    detector = HFDetector(tiny_model, threshold=0.0)
+    assert rows and all(r["model"] == detector.model_id for r in rows.values())
+    for uri, row in rows.items():
+        (expected,) = detector.detect([decode_image(open(uri, "rb").read(), name=uri, max_pixels=10**8)])
+        np.testing.assert_allclose(np.array(row["boxes"]).reshape(-1, 4), expected.boxes, atol=1e-3)
+        np.testing.assert_allclose(row["scores"], expected.scores, atol=1e-4)
+        assert row["labels"] == expected.labels
+
+
+def test_strict_makes_unsupported_files_error_rows(tmp_path, tiny_model, scene_dir):
+    (scene_dir / "notes.txt").write_text("not an image")
+    cfg = config(tmp_path, [str(scene_dir)], tiny_model, run_id="strict", strict=True)
+    summary = run_detect(cfg).summary
+    errors = [r for r in read_rows(str(tmp_path / "out" / "strict")) if r["error"]]
+    assert [os.path.basename(r["source_uri"]) for r in errors] == ["notes.txt"]
+    assert errors[0]["error"].startswith("unsupported_type:")
+    assert summary["inputs_skipped_unsupported"] == 0
+
+
+def test_incremental_processes_only_new_inputs(tmp_path, tiny_model, scene_dir):
+    first = run_detect(config(tmp_path, [str(scene_dir)], tiny_model, run_id="night-1")).summary
+    samples.write_image_dataset(str(scene_dir / "day2"), 3, seed=7)
+    second = run_detect(config(tmp_path, [str(scene_dir)], tiny_model, run_id="night-2", incremental=True)).summary
+    rows = read_rows(str(tmp_path / "out" / "night-2"))
+    assert first["rows"] > 0
+    assert second["rows"] == 3 == len(rows)
+    assert all("/day2/" in r["source_uri"] for r in rows)
+    third = run_detect(config(tmp_path, [str(scene_dir)], tiny_model, run_id="night-3", incremental=True)).summary
+    assert third["rows"] == 0 and third["inputs"] == 0
+
+
+def test_s3_inputs_model_and_output(tmp_path, tiny_model, scene_dir, s3_env, s3_bucket):
+    awkward = ["a b/plate #1.jpg", "100% sure/ümlaut 車.jpg", "plain.jpg"]
+    originals = sorted(p for p in os.listdir(scene_dir) if p.endswith(".jpg"))[: len(awkward)]
+    for key, name in zip(awkward, originals):
+        storage.write_bytes_atomic(f"{s3_bucket}/in/{key}", (scene_dir / name).read_bytes())
+    for name in os.listdir(tiny_model):
+        storage.write_bytes_atomic(f"{s3_bucket}/models/tiny/{name}", open(os.path.join(tiny_model, name), "rb").read())
+    cfg = DetectConfig(input=[f"{s3_bucket}/in/"], output=f"{s3_bucket}/out", model=f"{s3_bucket}/models/tiny",
+                       run_id="s3run", threshold=0.0, progress=False)
+    summary = run_detect(cfg).summary
+    assert summary["rows"] == 3 and summary["errors"] == 0
+    fs, path = storage.filesystem(f"{s3_bucket}/out/s3run/data")
+    rows = pq.read_table(path, filesystem=fs).to_pylist()
+    assert sorted(r["source_uri"] for r in rows) == sorted(f"{s3_bucket}/in/{k}" for k in awkward)
+    assert storage.exists(f"{s3_bucket}/out/s3run/summary.json")
+    assert f"{s3_bucket}/models/tiny@" in rows[0]["model"]
+
+
+def test_preflight_names_the_problem(tmp_path, tiny_model, scene_dir):
+    with pytest.raises(PreflightError, match="model .*nope.*no such directory"):
+        run_detect(config(tmp_path, [str(scene_dir)], str(tmp_path / "nope")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PreflightError, match=f"input {empty}: is empty"):
+        run_detect(config(tmp_path, [str(empty)], tiny_model))
+    with pytest.raises(PreflightError, match="input .*missing: does not exist"):
+        run_detect(config(tmp_path, [str(tmp_path / "missing")], tiny_model))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = config(tmp_path, [str(scene_dir)], tiny_model)
+    cfg.output = str(blocker / "out")
+    with pytest.raises(PreflightError, match="output .*cannot be written"):
+        run_detect(cfg)
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.fixture
+def scene_dir(tmp_path):
+    folder = tmp_path / "scenes"
+    samples.write_image_dataset(str(folder), 6, seed=3)
+    os.remove(folder / "annotations.json")
+    return folder
+
+
+def test_rerun_of_a_finished_run_does_no_work(tmp_path, tiny_model, scene_dir):
+    cfg = config(tmp_path, [str(scene_dir)], tiny_model, run_id="again")
+    first = run_detect(cfg).summary
+    shutil.rmtree(scene_dir)  # the inputs are gone: a finished run must not need them again
+    second = run_detect(cfg).summary
+    assert second["rows"] == first["rows"] and second["shards_resumed"] == second["shards"]
