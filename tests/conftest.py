@@ -135,7 +135,7 @@ class S3Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
         env.update(AWS_ACCESS_KEY_ID=self.access_key_id, AWS_SECRET_ACCESS_KEY=self.secret_access_key)
         self.log_path = self.base_dir / f"weed-{attempt}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - held open for the server's lifetime
         t0 = time.monotonic()
         # Same process group as pytest on purpose: a Ctrl-C that kills pytest outright still
         # reaches weed, so no server is left orphaned.

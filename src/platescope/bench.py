@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +50,7 @@ def detector_throughput(cfg, paths: list[str]) -> float:
     from platescope.pipeline.run import _detector_spec
     from platescope.sources.images import decode_image
 
-    images = [decode_image(open(p, "rb").read(), name=p, max_pixels=cfg.max_pixels) for p in paths]
+    images = [decode_image(Path(p).read_bytes(), name=p, max_pixels=cfg.max_pixels) for p in paths]
     detector = build_detector(_detector_spec(cfg, cfg.s3.options(), num_gpus=0.0))
     detector.detect(images[: cfg.batch_size])  # warm-up: first call pays for lazy init
     started = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -54,21 +55,26 @@ def test_images_video_and_bad_inputs_become_one_row_each(tmp_path, tiny_model, m
     assert [r["frame_index"] for r in frames] == list(range(0, 40, 5))
     assert [r["timestamp_s"] for r in frames] == pytest.approx([i * 0.5 for i in range(8)], abs=1e-6)
     # Bad inputs: one error row each, naming the problem; odd but valid formats detect normally.
-    expect_error = {"zero_byte": "empty_file", "truncated_jpeg": "truncated_image", "text_as_jpg": "not_an_image",
-                    "corrupt_mp4": "corrupt_video", "audio_only_mp4": "no_video_stream"}
+    expect_error = {"empty_file": "empty_file", "truncated_jpeg": "truncated_image", "text_as_jpeg": "not_an_image",
+                    "oversized_image": "too_many_pixels", "corrupt_video": "corrupt_video",
+                    "audio_only_video": "no_video_stream"}
     for case, kind in expect_error.items():
         (row,) = by_uri[mixed_inputs.bad[case]]
         assert row["error"] and row["error"].startswith(kind + ":"), (case, row["error"])
         assert row["boxes"] == []
-    for case in ("png_alpha", "png_16bit", "greyscale_jpeg", "cmyk_jpeg"):
+    for case in ("png_alpha", "png_palette_transparency", "png_16bit", "greyscale_jpeg", "cmyk_jpeg"):
         (row,) = by_uri[mixed_inputs.bad[case]]
         assert row["error"] is None, (case, row["error"])
     (rotated,) = by_uri[mixed_inputs.bad["exif_rotated"]]
     assert rotated["height"] > rotated["width"]
-    assert mixed_inputs.bad["unsupported"] not in by_uri  # skipped, counted
+    # A video cut short: the frames before the damage, then one error row saying where it stopped.
+    cut = by_uri[mixed_inputs.bad["truncated_video"]]
+    assert cut[-1]["error"].startswith("corrupt_video:") and cut[-1]["frame_index"] is None
+    assert all(r["error"] is None for r in cut[:-1])
+    assert mixed_inputs.bad["unsupported_extension"] not in by_uri  # skipped, counted
     assert summary["inputs_skipped_unsupported"] == 1
     assert summary["rows"] == len(rows)
-    assert summary["frames"] == 8
+    assert summary["frames"] == 8 + len(cut) - 1
     assert summary["errors"] == sum(1 for r in rows if r["error"])
     assert summary["errors_by_kind"]["empty_file"] == 1
     assert summary["complete"] and summary["shards_resumed"] == 0
@@ -87,7 +93,7 @@ def test_rows_match_the_detector_run_directly(tmp_path, tiny_model, scene_dir):
     detector = HFDetector(tiny_model, threshold=0.0)
     assert rows and all(r["model"] == detector.model_id for r in rows.values())
     for uri, row in rows.items():
-        (expected,) = detector.detect([decode_image(open(uri, "rb").read(), name=uri, max_pixels=10**8)])
+        (expected,) = detector.detect([decode_image(Path(uri).read_bytes(), name=uri, max_pixels=10**8)])
         np.testing.assert_allclose(np.array(row["boxes"]).reshape(-1, 4), expected.boxes, atol=1e-3)
         np.testing.assert_allclose(row["scores"], expected.scores, atol=1e-4)
         assert row["labels"] == expected.labels
@@ -116,14 +122,17 @@ def test_incremental_processes_only_new_inputs(tmp_path, tiny_model, scene_dir):
 
 
 def test_s3_inputs_model_and_output(tmp_path, tiny_model, scene_dir, s3_env, s3_bucket):
+    """S3 access given in the config reaches the Ray workers (this Ray started before the env was set)."""
     awkward = ["a b/plate #1.jpg", "100% sure/ümlaut 車.jpg", "plain.jpg"]
     originals = sorted(p for p in os.listdir(scene_dir) if p.endswith(".jpg"))[: len(awkward)]
     for key, name in zip(awkward, originals):
         storage.write_bytes_atomic(f"{s3_bucket}/in/{key}", (scene_dir / name).read_bytes())
     for name in os.listdir(tiny_model):
-        storage.write_bytes_atomic(f"{s3_bucket}/models/tiny/{name}", open(os.path.join(tiny_model, name), "rb").read())
+        storage.write_bytes_atomic(f"{s3_bucket}/models/tiny/{name}", (Path(tiny_model) / name).read_bytes())
     cfg = DetectConfig(input=[f"{s3_bucket}/in/"], output=f"{s3_bucket}/out", model=f"{s3_bucket}/models/tiny",
-                       run_id="s3run", threshold=0.0, progress=False)
+                       run_id="s3run", threshold=0.0, progress=False,
+                       s3={"endpoint_url": s3_env.endpoint_url, "access_key_id": s3_env.access_key_id,
+                           "secret_access_key": s3_env.secret_access_key})
     summary = run_detect(cfg).summary
     assert summary["rows"] == 3 and summary["errors"] == 0
     fs, path = storage.filesystem(f"{s3_bucket}/out/s3run/data")
@@ -142,13 +151,13 @@ def test_preflight_names_the_problem(tmp_path, tiny_model, scene_dir):
         run_detect(config(tmp_path, [str(empty)], tiny_model))
     with pytest.raises(PreflightError, match="input .*missing: does not exist"):
         run_detect(config(tmp_path, [str(tmp_path / "missing")], tiny_model))
+    assert not os.path.exists(tmp_path / "out")  # nothing written before the inputs are known good
     blocker = tmp_path / "file"
     blocker.write_text("x")
     cfg = config(tmp_path, [str(scene_dir)], tiny_model)
     cfg.output = str(blocker / "out")
     with pytest.raises(PreflightError, match="output .*cannot be written"):
         run_detect(cfg)
-    assert not os.path.exists(tmp_path / "out")
 
 
 @pytest.fixture

@@ -76,7 +76,7 @@ class DetectorActor:
         """Detections per image, or an error string for an image the model itself failed on."""
         try:
             return list(self.detector.detect(images))
-        except Exception:  # noqa: BLE001 - find the culprit image instead of losing the batch
+        except Exception:
             if len(images) == 1:
                 raise
         out: list[Detections | str] = []

@@ -67,13 +67,11 @@ def check_model(model: str, s3: S3Options | None, trust_remote_code: bool) -> No
         raise PreflightError(f"model {model}: not a local dir, and not loadable as a hub id ({e})") from None
 
 
-def preflight(cfg: DetectConfig) -> None:
-    s3 = cfg.s3.options()
-    check_model(cfg.model, s3, cfg.trust_remote_code)
+def check_output(output: str, s3: S3Options | None) -> None:
     try:
-        storage.check_writable(cfg.output, s3)
+        storage.check_writable(output, s3)
     except Exception as e:  # noqa: BLE001
-        raise PreflightError(f"output {cfg.output}: cannot be written ({type(e).__name__}: {e})") from None
+        raise PreflightError(f"output {output}: cannot be written ({type(e).__name__}: {e})") from None
 
 
 def _start_ray(address: str | None) -> bool:
@@ -108,18 +106,25 @@ def _detector_spec(cfg: DetectConfig, s3: S3Options, num_gpus: float) -> dict[st
 def run_detect(cfg: DetectConfig) -> RunResult:
     started = time.monotonic()
     s3 = cfg.s3.options()
-    preflight(cfg)
+    # Preflight, cheapest first and writing nothing until inputs are known good: model, inputs, output.
+    check_model(cfg.model, s3, cfg.trust_remote_code)
     run_dir = storage.join(cfg.output, cfg.run_id)
 
     def create_manifest() -> manifest_mod.Manifest:
         exclude = manifest_mod.finished_inputs(cfg.output, cfg.run_id, s3) if cfg.incremental else None
-        return manifest_mod.list_inputs(cfg.input, s3=s3, strict=cfg.strict,
-                                        num_inputs_per_shard=cfg.num_inputs_per_shard, exclude=exclude)
+        listed = manifest_mod.list_inputs(cfg.input, s3=s3, strict=cfg.strict,
+                                          num_inputs_per_shard=cfg.num_inputs_per_shard, exclude=exclude)
+        check_output(cfg.output, s3)
+        return listed
 
     try:
         manifest, resumed = manifest_mod.load_or_create(run_dir, create_manifest, s3)
+    except PreflightError:
+        raise
     except ValueError as e:
         raise PreflightError(str(e)) from None
+    if resumed:
+        check_output(cfg.output, s3)
     storage.write_bytes_atomic(storage.join(run_dir, CONFIG_FILE),
                                json.dumps(cfg.resolved(), indent=2).encode(), s3)
     done_before = manifest_mod.done_shards(run_dir, s3) if resumed else {}
@@ -167,7 +172,7 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict]) -
         ds = ds.map_batches(
             DetectorActor, fn_constructor_kwargs={"spec": _detector_spec(cfg, s3, num_gpus)},
             batch_size=cfg.batch_size, batch_format="numpy",
-            concurrency=(cfg.num_actors_min, cfg.num_actors_max),
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.num_actors_min, max_size=cfg.num_actors_max),
             num_cpus=cfg.num_cpus_per_actor, num_gpus=num_gpus,
         )
         sink = ShardSink(run_dir, cfg.run_id, s3)

@@ -1,0 +1,5 @@
+import sys
+
+from platescope.cli import main
+
+sys.exit(main())

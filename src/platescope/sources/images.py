@@ -1,0 +1,140 @@
+"""Decode one still image's bytes into the RGB array every detector expects.
+
+Every way an input can be bad ends in an `InputError` with a stable kind, so the pipeline writes an
+error row instead of crashing or silently dropping the object. Pixel data is decoded fully here (not
+lazily) because PIL's lazy decoding would otherwise surface truncation later, in a detector actor,
+as an unexplained crash.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from platescope.sources import InputError
+
+logger = logging.getLogger(__name__)
+
+# 100 megapixels is a 10000 x 10000 photo: larger than any camera or plate crop we expect, and its
+# RGB array (300 MB) is about the most a decode task should hold. Anything larger is treated as a
+# decompression bomb: a few kilobytes of PNG can claim gigapixels.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# File signatures, only to word the error better when PIL cannot parse a header.
+_SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"RIFF": "WEBP",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"GIF8": "GIF",
+}
+
+
+def decode_image(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """H x W x 3 uint8 RGB of `data`, rotated as its EXIF orientation says.
+
+    `name` only words messages (the caller prefixes the input's URI itself). The pixel budget is
+    checked against the header's size before any pixel is decoded, so a bomb costs no memory.
+    """
+    if not data:
+        raise InputError("empty_file", "the file is empty (0 bytes)")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Someone in this process turned on PIL's global "accept truncated files" switch; then a
+        # half-uploaded JPEG would decode to grey padding and be reported as a fine image.
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; platescope needs it False")
+
+    image = _open(data, max_pixels=max_pixels)
+    try:
+        image.load()
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL plugins raise OSError, ValueError, SyntaxError, struct.error...
+        kind = "truncated_image" if "truncat" in str(exc).lower() else "corrupt_image"
+        raise InputError(
+            kind, f"{image.format} {image.width}x{image.height} failed to decode: {exc}"
+        ) from exc
+
+    image = _apply_exif_orientation(image, name=name)
+    return _to_rgb_array(image)
+
+
+def _open(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Parse only the header, and refuse images above the pixel budget before decoding them."""
+    try:
+        # PIL's own bomb check warns above Image.MAX_IMAGE_PIXELS; ours below is the one that
+        # decides, so its warning would only be noise in the logs of every large photo.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        # PIL refuses above 2 x Image.MAX_IMAGE_PIXELS whatever max_pixels says; still a bomb.
+        raise InputError("too_many_pixels", f"{exc} (PIL's own limit; platescope's is {max_pixels})") from exc
+    except UnidentifiedImageError as exc:
+        signature = next((fmt for sig, fmt in _SIGNATURES.items() if data.startswith(sig)), None)
+        if signature is None:
+            head = data[:16]
+            raise InputError(
+                "not_an_image", f"not a known image format ({len(data)} bytes, starts {head!r})"
+            ) from exc
+        raise InputError(
+            "corrupt_image",
+            f"{signature} header could not be parsed, truncated or corrupt ({len(data)} bytes)",
+        ) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        kind = "truncated_image" if "truncat" in str(exc).lower() else "corrupt_image"
+        raise InputError(kind, f"image header could not be read ({len(data)} bytes): {exc}") from exc
+
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InputError(
+            "too_many_pixels",
+            f"{image.format} is {width}x{height} = {width * height} pixels, limit {max_pixels}",
+        )
+    if width <= 0 or height <= 0:
+        raise InputError("corrupt_image", f"{image.format} header says {width}x{height}")
+    return image
+
+
+def _apply_exif_orientation(image: Image.Image, *, name: str) -> Image.Image:
+    """Rotate to how viewers (and whoever drew the ground-truth boxes) see the photo."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as exc:  # noqa: BLE001 - EXIF parsing fails in many ways (struct, key, type)
+        # A mangled EXIF block should not throw away a photo whose pixels decoded fine; the
+        # orientation is then unknown and the stored one is the best guess.
+        logger.warning("%s: EXIF orientation unreadable, using stored orientation: %s", name, exc)
+        return image
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greyscale (PNG, TIFF; Pillow may hand it over as 32-bit "I"). PIL's own
+        # convert("L") clips at 255 on some versions, which turns most of the image white; the
+        # high byte keeps the full tonal range. Values above 16 bits (true 32-bit TIFFs) saturate.
+        grey = np.asarray(image).astype(np.int64, copy=False)
+        grey = (np.clip(grey, 0, 65535) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if mode == "F":
+        # Float images carry no agreed scale; stretch to the observed range rather than clip.
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
+        grey = np.nan_to_num(scaled).round().astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if mode != "RGB":
+        # Alpha (RGBA, LA, PA, P with a transparent index) is dropped, not composited: that is
+        # what transformers' `convert_rgb` and the usual dataset loaders do, so a detector sees
+        # the same pixels here as it did in training. L, 1, P, CMYK (Pillow undoes the Adobe
+        # inversion on read) and YCbCr all have exact conversions in PIL.
+        image = image.convert("RGB")
+    array = np.asarray(image, dtype=np.uint8)
+    return np.ascontiguousarray(array)

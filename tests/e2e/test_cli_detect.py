@@ -1,0 +1,121 @@
+"""`platescope detect` through the CLI, each run in its own process with its own local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from platescope import samples
+
+CLI = [sys.executable, "-m", "platescope.cli"]
+
+
+def run_cli(*args: str, timeout: float = 240, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], check=False, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("scenes")
+    samples.write_image_dataset(str(folder), 8, seed=5, size=(320, 240))
+    os.remove(folder / "annotations.json")
+    return folder
+
+
+def test_detect_end_to_end_prints_and_saves_the_summary(tmp_path, tiny_model, scenes):
+    job = tmp_path / "job.yaml"
+    job.write_text(f"input: [{scenes}]\nmodel: {tiny_model}\nthreshold: 0.0\nbatch_size: 3\n")
+    out = tmp_path / "out"
+    proc = run_cli("detect", "--config", str(job), "--output", str(out), "run_id=e2e-1", "video_fps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run e2e-1" in proc.stdout and "rows" in proc.stdout
+    run_dir = out / "e2e-1"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rows"] == summary["images"] == 8 and summary["errors"] == 0
+    assert summary["detections"] > 0 and summary["rows_per_s"] > 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["batch_size"] == 3 and config["video_fps"] == 2.0 and config["run_id"] == "e2e-1"
+    table = pq.read_table(run_dir / "data")
+    assert table.num_rows == 8 and set(table.column("run_id").to_pylist()) == {"e2e-1"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "{tmp}/no-such-model"], "model {tmp}/no-such-model: no such directory"),
+        (["--input", "{tmp}/nowhere"], "input {tmp}/nowhere: does not exist"),
+        (["--output", "{file}/out"], "output {file}/out: cannot be written"),
+        (["batchsize=3"], "batchsize: unknown field"),
+        (["--threshold", "1.5"], "threshold: Input should be less than or equal to 1"),
+    ],
+)
+def test_a_job_that_cannot_start_fails_at_once_with_one_line(tmp_path, tiny_model, scenes, args, message):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    base = {"--input": str(scenes), "--model": tiny_model, "--output": str(tmp_path / "out")}
+    fill = {"tmp": tmp_path, "file": blocker}
+    args = [a.format(**fill) for a in args]
+    for flag, value in base.items():
+        if flag not in args:
+            args += [flag, value]
+    started = time.monotonic()
+    proc = run_cli("detect", *args, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message.format(**fill) in lines[0], proc.stderr
+    assert time.monotonic() - started < 30  # before any Ray start or model load
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_error_share_above_the_budget_exits_non_zero(tmp_path, tiny_model, mixed_inputs):
+    proc = run_cli("detect", "--input", str(mixed_inputs.root / "bad"), "--model", tiny_model,
+                   "--output", str(tmp_path / "out"), "--run-id", "bad", "--max-error-fraction", "0.2",
+                   "--no-progress")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "above --max-error-fraction 20.0%" in proc.stderr
+    summary = json.loads((tmp_path / "out" / "bad" / "summary.json").read_text())
+    assert summary["error_fraction"] > 0.2
+
+
+def test_sigkilled_run_resumes_without_redoing_or_duplicating(tmp_path, tmp_path_factory):
+    """Kill the driver (and its local Ray) part-way, run the same command again: one row per input."""
+    from platescope.detectors.presets import build_model_dir
+
+    # A real-size YOLOS-tiny on CPU takes long enough per image that the kill lands mid-run.
+    model = build_model_dir("yolos-tiny", str(tmp_path / "model"))
+    inputs = tmp_path / "inputs"
+    samples.write_image_dataset(str(inputs), 40, seed=11, size=(320, 240))
+    os.remove(inputs / "annotations.json")
+    out = tmp_path / "out"
+    args = [*CLI, "detect", "--input", str(inputs), "--model", model, "--output", str(out), "--run-id", "crash",
+            "--batch-size", "1", "--no-progress", "num_inputs_per_shard=1"]
+    done_dir = out / "crash" / "_done"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if done_dir.exists() and len(list(done_dir.iterdir())) >= 3:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, like a lost node
+        proc.wait(timeout=30)
+    done_at_kill = len(list(done_dir.iterdir()))
+    assert 3 <= done_at_kill < 40, f"kill should land mid-run, found {done_at_kill} of 40 shards done"
+    assert not (out / "crash" / "summary.json").exists()
+
+    again = subprocess.run(args, check=False, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((out / "crash" / "summary.json").read_text())
+    assert summary["shards_resumed"] >= done_at_kill
+    assert summary["rows_per_s"] is not None and summary["complete"]
+    rows = pq.read_table(out / "crash" / "data").column("source_uri").to_pylist()
+    assert len(rows) == 40 and len(set(rows)) == 40

@@ -1,0 +1,88 @@
+"""Job configs: YAML + flags + key=value, strict and typed, secrets masked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from platescope.cli import build_parser, detect_config_from_args
+from platescope.config import ConfigError, DetectConfig, build_config, parse_override
+
+
+def parse(argv):
+    return detect_config_from_args(build_parser().parse_args(["detect", *argv]))
+
+
+def test_yaml_then_flags_then_overrides(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("input: [s3://footage/]\noutput: s3://detections/\nmodel: ./models/plates\n"
+                   "batch_size: 4\nvideo_fps: 1\nthreshold: 0.5\n")
+    cfg = parse(["--config", str(job), "--batch-size", "16", "run_id=nightly-2026-11-21", "threshold=0.25",
+                 "input=s3://footage/2026-11-21/"])
+    assert cfg.batch_size == 16 and cfg.threshold == 0.25 and cfg.video_fps == 1.0
+    assert cfg.run_id == "nightly-2026-11-21"
+    assert cfg.input == ["s3://footage/2026-11-21/"]
+
+
+def test_flags_alone_make_a_config():
+    cfg = parse(["--input", "a", "b", "--output", "o", "--model", "m", "--video-fps", "2", "--incremental",
+                 "--no-progress"])
+    assert cfg.input == ["a", "b"] and cfg.video_fps == 2.0 and cfg.incremental and not cfg.progress
+    assert cfg.run_id.startswith("run-")
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [("batchsize=4", "batchsize"), ("batch_size=many", "batch_size"), ("threshold=2", "threshold"),
+     ("video_fps=0", "video_fps"), ("run_id=a/b", "run_id"), ("s3.endpoint=x", "s3.endpoint"),
+     ("device=tpu", "device")],
+)
+def test_bad_values_fail_naming_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        build_config(DetectConfig, values={"input": ["a"], "output": "o", "model": "m"}, overrides=[override])
+    assert str(e.value).split("): ", 1)[1].startswith(field + ":")
+    assert "\n" not in str(e.value)
+
+
+def test_missing_required_fields_are_named():
+    with pytest.raises(ConfigError, match="model: Field required"):
+        build_config(DetectConfig, values={"input": ["a"], "output": "o"})
+
+
+def test_misspelt_key_in_yaml_names_file_and_field(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("input: [a]\noutput: o\nmodel: m\nvideo_fsp: 2\n")
+    with pytest.raises(ConfigError, match=r"job.yaml\): video_fsp: unknown field"):
+        build_config(DetectConfig, file=str(job))
+
+
+def test_unreadable_or_malformed_job_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        build_config(DetectConfig, file=str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        build_config(DetectConfig, file=str(bad))
+
+
+def test_actor_range_is_checked():
+    with pytest.raises(ConfigError, match="num_actors_max .* below num_actors_min"):
+        build_config(DetectConfig, values={"input": ["a"], "output": "o", "model": "m", "num_actors_min": 3})
+
+
+def test_secrets_never_appear_in_the_resolved_config():
+    cfg = build_config(DetectConfig, values={"input": ["a"], "output": "o", "model": "m"},
+                       overrides=["s3.secret_access_key=hunter2", "s3.access_key_id=AKIAXYZ"])
+    assert cfg.s3.options().secret_access_key == "hunter2"
+    text = json.dumps(cfg.resolved())
+    assert "hunter2" not in text and "AKIAXYZ" not in text
+
+
+def test_override_values_are_typed_by_yaml():
+    assert parse_override("batch_size=16") == (["batch_size"], 16)
+    assert parse_override("strict=true") == (["strict"], True)
+    assert parse_override("input=[a, b]") == (["input"], ["a", "b"])
+    assert parse_override("run_id=2026-11-21") == (["run_id"], "2026-11-21")
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_override("batch_size")
