@@ -119,3 +119,24 @@ def test_sigkilled_run_resumes_without_redoing_or_duplicating(tmp_path, tmp_path
     assert summary["rows_per_s"] is not None and summary["complete"]
     rows = pq.read_table(out / "crash" / "data").column("source_uri").to_pylist()
     assert len(rows) == 40 and len(set(rows)) == 40
+
+
+def test_s3_credentials_from_the_environment_reach_the_workers(tmp_path, tiny_model, scenes, s3_server, s3_bucket):
+    """The CLI's own local Ray inherits AWS_* from the environment, as a user's shell would give it."""
+    from platescope import storage
+
+    env = {**os.environ, **s3_server.env()}
+    for name in sorted(os.listdir(scenes))[:3]:
+        storage.write_bytes_atomic(f"{s3_bucket}/day 1/{name}", (scenes / name).read_bytes(),
+                                   storage.S3Options(endpoint_url=s3_server.endpoint_url,
+                                                     access_key_id=s3_server.access_key_id,
+                                                     secret_access_key=s3_server.secret_access_key))
+    proc = run_cli("detect", "--input", f"{s3_bucket}/day 1/", "--output", f"{s3_bucket}/detections",
+                   "--model", tiny_model, "--run-id", "from-env", "--no-progress", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert s3_server.secret_access_key not in proc.stdout + proc.stderr
+    body = s3_server.client().get_object(Bucket=s3_bucket[len("s3://"):], Key="detections/from-env/summary.json")
+    summary = json.loads(body["Body"].read())
+    assert summary["rows"] == 3 and summary["errors"] == 0
+    config = s3_server.client().get_object(Bucket=s3_bucket[len("s3://"):], Key="detections/from-env/config.json")
+    assert s3_server.secret_access_key not in config["Body"].read().decode()

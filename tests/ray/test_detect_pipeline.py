@@ -174,3 +174,23 @@ def test_rerun_of_a_finished_run_does_no_work(tmp_path, tiny_model, scene_dir):
     shutil.rmtree(scene_dir)  # the inputs are gone: a finished run must not need them again
     second = run_detect(cfg).summary
     assert second["rows"] == first["rows"] and second["shards_resumed"] == second["shards"]
+
+
+@pytest.mark.shared_data
+def test_real_plate_images_and_traffic_footage(tmp_path, tiny_model, shared_data_dir):
+    """Real JPEGs and a real H.264 clip (1280x720, 30 fps, 140 frames) through the whole job."""
+    images = sorted((shared_data_dir / "plates" / "images").glob("*.jpg"))[:12]
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for p in images:
+        (folder / p.name).symlink_to(p)
+    clip = shared_data_dir / "footage" / "uk_roundabout.mp4"
+    cfg = config(tmp_path, [str(folder), str(clip)], tiny_model, run_id="real", video_fps=2,
+                 max_error_fraction=0.0)
+    summary = run_detect(cfg).summary
+    rows = read_rows(str(tmp_path / "out" / "real"))
+    frames = sorted(r["frame_index"] for r in rows if r["frame_index"] is not None)
+    assert summary["errors"] == 0 and summary["images"] == 12
+    # 4.7 s at 2 fps: one frame every 15 of 30, from frame 0.
+    assert frames == list(range(0, 140, 15))
+    assert all((r["width"], r["height"]) == (1280, 720) for r in rows if r["frame_index"] is not None)

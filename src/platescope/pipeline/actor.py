@@ -68,6 +68,9 @@ def build_detector(spec: dict[str, Any]):
 
 class DetectorActor:
     def __init__(self, spec: dict[str, Any]):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor only clutters the console
         self.detector = build_detector(spec)
         self.prompt = spec.get("prompt")
         log.info("detector ready in pid %s: %s", os.getpid(), self.detector.model_id)

@@ -27,6 +27,7 @@ from platescope.storage import S3Options
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+DECODED_BLOCK_BYTES = 8 * 1024 * 1024
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -162,6 +163,10 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict]) -
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours below counts shards and rows, Ray's would interleave
+        # Small decoded blocks (a few frames each): the actor pool then gets bundles of about one
+        # batch (Ray bundles blocks up to batch_size rows), so detection starts after the first batch
+        # is decoded instead of a whole shard, and results stream back batch by batch.
+        ctx.target_max_block_size = DECODED_BLOCK_BYTES
         num_gpus = cfg.num_gpus_per_actor
         if num_gpus is None:
             num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and cfg.device != "cpu" else 0.0

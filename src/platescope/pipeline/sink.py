@@ -5,6 +5,10 @@ A shard is written as one Parquet part (`data/part-<shard>.parquet`), then its c
 on resume and its part overwritten, so a crash at any point leaves exactly one row per input.
 Rows are deduplicated by (shard, seq) in case Ray retried a task.
 
+Why not Ray Data's own checkpointing: it records finished rows by an ID column of the *input* and
+filters those inputs on restart, so a video whose first frames were written would be skipped whole on
+resume and lose its remaining frames. Markers per shard (a video is one shard) have no such gap.
+
 Only detection rows reach the driver (images stay on the workers), and only rows of unfinished shards
 are held, so the driver's memory is bounded by the shards in flight.
 """

@@ -1,0 +1,21 @@
+"""Every job file users start from parses through the real config parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from platescope.config import DetectConfig, build_config
+
+JOBS = sorted((Path(__file__).resolve().parents[2] / "jobs").glob("*.yaml"))
+
+
+def test_there_are_job_files():
+    assert {p.name for p in JOBS} >= {"plates-nightly.yaml", "demo.yaml"}
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_job_file_loads(job):
+    cfg = build_config(DetectConfig, file=str(job), overrides=["run_id=check-1"])
+    assert cfg.run_id == "check-1" and cfg.input and cfg.model
