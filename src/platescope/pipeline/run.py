@@ -81,6 +81,8 @@ def _start_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    # Ray Data's per-execution INFO lines (plans, log paths) drown the summary; warnings stay.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
@@ -163,6 +165,9 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict]) -
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours below counts shards and rows, Ray's would interleave
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_disabled")  # spends Ray's one "bars disabled" warning
         # Small decoded blocks (a few frames each): the actor pool then gets bundles of about one
         # batch (Ray bundles blocks up to batch_size rows), so detection starts after the first batch
         # is decoded instead of a whole shard, and results stream back batch by batch.
