@@ -152,3 +152,40 @@ def test_probe_reports_bad_inputs(bad):
     with pytest.raises(InputError) as info:
         probe_video(folder / cases["audio_only_video"])
     assert info.value.kind == "no_video_stream"
+
+
+_PEAK_RSS_SCRIPT = """
+import resource, sys
+from platescope.sources.video import iter_video_frames
+n = 0
+for frame in iter_video_frames(sys.argv[1], name="v.mp4", fps=1000, max_pixels=10**8):
+    n += 1
+    if n == int(sys.argv[2]):
+        break
+print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def _peak_rss(path: Path, num_frames: int) -> tuple[int, int]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, str(path), str(num_frames)], check=True,
+                         capture_output=True, text=True, timeout=120).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def test_memory_stays_at_a_few_frames_however_long_the_video(tmp_path):
+    """Streaming decode: decoding 400 frames peaks no higher than decoding 20, give or take a few frames.
+
+    Measured as a fresh process's peak RSS (the frames are allocated in C, out of tracemalloc's sight);
+    holding the frames would add 400 x 0.7 MB.
+    """
+    path = tmp_path / "long.mp4"
+    samples.write_video(path, num_frames=400, fps=25, size=(640, 360), seed=3)
+    frame_bytes = 640 * 360 * 3
+    short_n, short_peak = _peak_rss(path, 20)
+    long_n, long_peak = _peak_rss(path, 400)
+    assert (short_n, long_n) == (20, 400)
+    growth = long_peak - short_peak
+    assert growth < 30 * frame_bytes, f"peak grew {growth / 1e6:.1f} MB from 20 to 400 frames"
