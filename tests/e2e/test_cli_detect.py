@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,3 +141,56 @@ def test_s3_credentials_from_the_environment_reach_the_workers(tmp_path, tiny_mo
     assert summary["rows"] == 3 and summary["errors"] == 0
     config = s3_server.client().get_object(Bucket=s3_bucket[len("s3://"):], Key="detections/from-env/config.json")
     assert s3_server.secret_access_key not in config["Body"].read().decode()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(host: str, port: int, timeout: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+def test_address_joins_a_running_ray_cluster(tmp_path, tiny_model, scenes):
+    """--address joins an existing head (token authentication on, as Ray 2.60 starts it) and runs there."""
+    import tempfile
+
+    import ray._private.services as services
+
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # A short temp dir: Ray's Unix sockets live under it and their paths must stay under 108 bytes.
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    try:
+        host = services.get_node_ip_address()
+        _wait_for_port(host, port)
+        proc = run_cli("detect", "--input", str(scenes), "--model", tiny_model, "--output", str(tmp_path / "out"),
+                       "--run-id", "joined", "--address", f"{host}:{port}", "--no-progress", env=env, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Started a local Ray instance" not in proc.stderr
+        summary = json.loads((tmp_path / "out" / "joined" / "summary.json").read_text())
+        assert summary["rows"] == 8 and summary["errors"] == 0
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
