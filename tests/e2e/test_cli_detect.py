@@ -167,7 +167,7 @@ def test_address_joins_a_running_ray_cluster(tmp_path, tiny_model, scenes):
     """--address joins an existing head (token authentication on, as Ray 2.60 starts it) and runs there."""
     import tempfile
 
-    import ray._private.services as services
+    from ray._private import services
 
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
