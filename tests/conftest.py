@@ -24,6 +24,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Every Ray these tests start (in-process, the CLI's, a `ray start` head) binds to 127.0.0.1 only.
+# Ray reads this when first imported, so it is set here, before any test imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 # --------------------------------------------------------------------------------------------
 # Shared sample data (../shared/data beside the repository; not part of it)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 DECODED_BLOCK_BYTES = 8 * 1024 * 1024
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray treats this machine as the whole cluster
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -154,6 +155,10 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict]) -
     Steady throughput counts from the first result to the last, leaving out Ray start-up and model
     loading, which a long run amortises.
     """
+    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
+        # A local Ray is one machine: Ray then binds every server to 127.0.0.1 instead of all
+        # interfaces. Read when Ray is first imported, hence before the import below.
+        os.environ.setdefault(LOCAL_ONLY_ENV, "0")
     import ray
     from tqdm import tqdm
 
