@@ -6,7 +6,6 @@ This module is the single definition of the table that `detect` writes and `eval
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -58,40 +57,3 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.boxes)
-
-
-def make_row(
-    *,
-    run_id: str,
-    source_uri: str,
-    frame_index: int | None = None,
-    timestamp_s: float | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    detections: Detections | None = None,
-    model: str | None = None,
-    prompt: str | None = None,
-    error: str | None = None,
-) -> dict[str, Any]:
-    """One table row as plain Python values, in schema order; an error row has empty detections."""
-    det = detections if detections is not None else Detections()
-    return {
-        "run_id": run_id,
-        "source_uri": source_uri,
-        "frame_index": frame_index,
-        "timestamp_s": timestamp_s,
-        "width": width,
-        "height": height,
-        "boxes": det.boxes.tolist(),
-        "scores": det.scores.tolist(),
-        "label_ids": det.label_ids.tolist(),
-        "labels": list(det.labels),
-        "model": model,
-        "prompt": prompt,
-        "error": error,
-    }
-
-
-def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows (as from make_row) to an Arrow table in exactly the detections schema."""
-    return pa.Table.from_pylist(rows, schema=DETECTIONS_SCHEMA)

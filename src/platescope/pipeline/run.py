@@ -93,7 +93,7 @@ def _start_ray(address: str | None) -> bool:
     return True
 
 
-def _detector_spec(cfg: DetectConfig, s3: S3Options, num_gpus: float) -> dict[str, Any]:
+def detector_spec(cfg: DetectConfig, s3: S3Options, num_gpus: float) -> dict[str, Any]:
     threads = cfg.num_threads_per_actor
     if threads is None and num_gpus == 0:
         # Ray pins actors to OMP_NUM_THREADS=num_cpus; on CPU the model is the bottleneck, so let
@@ -185,7 +185,7 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict]) -
                                                   "max_pixels": cfg.max_pixels},
                          num_cpus=cfg.num_cpus_per_decoder)
         ds = ds.map_batches(
-            DetectorActor, fn_constructor_kwargs={"spec": _detector_spec(cfg, s3, num_gpus)},
+            DetectorActor, fn_constructor_kwargs={"spec": detector_spec(cfg, s3, num_gpus)},
             batch_size=cfg.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=cfg.num_actors_min, max_size=cfg.num_actors_max),
             num_cpus=cfg.num_cpus_per_actor, num_gpus=num_gpus,
