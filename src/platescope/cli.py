@@ -67,7 +67,8 @@ def detect_config_from_args(args: argparse.Namespace):
 
 def _cmd_detect(args: argparse.Namespace) -> int:
     from platescope.config import ConfigError
-    from platescope.pipeline.run import PreflightError, run_detect, summary_text
+    from platescope.pipeline.run import PreflightError, run_detect
+    from platescope.pipeline.summary import format_summary
 
     try:
         cfg = detect_config_from_args(args)
@@ -75,7 +76,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     except (ConfigError, PreflightError) as e:
         print(f"platescope detect: error: {e}", file=sys.stderr)
         return EXIT_CANNOT_START
-    print(summary_text(result))
+    print(format_summary(result.summary))
     if result.failed_error_budget:
         s = result.summary
         print(f"platescope detect: error: {s['errors']} of {s['rows']} rows are errors "

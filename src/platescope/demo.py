@@ -51,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from platescope.cli import EXIT_CANNOT_START
     from platescope.config import ConfigError, DetectConfig, build_config
-    from platescope.pipeline.run import PreflightError, run_detect, summary_text
+    from platescope.pipeline.run import PreflightError, run_detect
+    from platescope.pipeline.summary import format_summary
 
     inputs = prepare_inputs(args.workdir)
     model = default_model(args.workdir)
@@ -69,5 +70,5 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except (ConfigError, PreflightError) as e:
         print(f"platescope demo: error: {e}", file=sys.stderr)
         return EXIT_CANNOT_START
-    print(summary_text(result))
+    print(format_summary(result.summary))
     return 0

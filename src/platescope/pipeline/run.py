@@ -20,7 +20,7 @@ from typing import Any
 
 from platescope import storage
 from platescope.config import DetectConfig
-from platescope.pipeline.summary import build_summary, format_summary, write_summary
+from platescope.pipeline.summary import build_summary, write_summary
 from platescope.sources import manifest as manifest_mod
 from platescope.storage import S3Options
 
@@ -209,7 +209,3 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict]) -
     finally:
         if started_ray:
             ray.shutdown()
-
-
-def summary_text(result: RunResult) -> str:
-    return format_summary(result.summary)
