@@ -201,6 +201,20 @@ class S3Server:
             "AWS_DEFAULT_REGION": self.region,
         }
 
+    def options(self):
+        """platescope's storage options for this server (credentials passed explicitly)."""
+        from platescope.storage import S3Options
+
+        return S3Options(endpoint_url=self.endpoint_url, region=self.region,
+                         access_key_id=self.access_key_id, secret_access_key=self.secret_access_key)
+
+    def config(self):
+        """The `s3:` section of a job config for this server."""
+        from platescope.config import S3Config
+
+        return S3Config(endpoint_url=self.endpoint_url, region=self.region,
+                        access_key_id=self.access_key_id, secret_access_key=self.secret_access_key)
+
     def client(self, **kwargs):
         import boto3
 

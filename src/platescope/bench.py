@@ -1,10 +1,13 @@
-"""`platescope bench`: does the pipeline waste the model's time?
+"""`platescope bench`: measured figures, never test assertions.
 
-On the same images and model it measures
+`bench detect`: does the pipeline waste the model's time? On the same images and model it measures
   1. the detector alone on pre-decoded batches (images already in memory, no Ray), and
   2. the end-to-end `detect` job (list, fetch, decode, Ray actor pool, Parquet),
 and prints both throughputs and their ratio. The end-to-end figure is given twice: over the whole
 wall time (Ray start-up and model load included) and steady (first result to last).
+
+`bench evaluate`: time and peak memory of `platescope evaluate` on a generated table of N rows, in
+a fresh process, optionally beside pycocotools' COCOeval on the same boxes.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure detect throughput against the detector's own",
-                       description=__doc__.splitlines()[0])
+    bench = sub.add_parser("bench", help="benchmarks: detect throughput, evaluate time and memory",
+                           description=__doc__.splitlines()[0])
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    p = kinds.add_parser("detect", help="detect throughput against the detector's own")
     p.add_argument("--images", required=True, help="folder of images (e.g. a dataset's images/)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model dir")
@@ -29,6 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=0.3)
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     p.set_defaults(func=_cmd_bench)
+    e = kinds.add_parser("evaluate", help="evaluate time and peak memory on N generated rows")
+    e.add_argument("--rows", type=int, default=100_000, help="detections rows (one per image)")
+    e.add_argument("--pycocotools", action="store_true", help="also time pycocotools' COCOeval on the same boxes")
+    e.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    e.set_defaults(func=_cmd_bench_evaluate)
 
 
 def _pick_images(folder: str, n: int, dest: str) -> list[str]:
@@ -87,9 +97,71 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "ratio_total": round(e2e_total / det, 3),
         "errors": summary["errors"],
     }
+    _report(figures, args.json_out)
+    return 0
+
+
+def _report(figures: dict, json_out: str | None) -> None:
     width = max(len(k) for k in figures)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in figures.items()))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
+    if json_out:
+        with open(json_out, "w") as f:
             json.dump(figures, f, indent=2)
+
+
+def _timed_child(argv: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of a fresh Python process running argv."""
+    import subprocess
+    import sys
+
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the child's own peak, KiB on Linux
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"platescope bench: error: {' '.join(argv[:3])} exited {proc.returncode}")
+    return time.perf_counter() - started, usage.ru_maxrss / 1024
+
+
+_SIMULATED_ROOT = "s3://footage/2026-11-21"
+
+# pycocotools on the same table: the reference, with every box as a dict in memory as it requires.
+_PYCOCOTOOLS = """
+import contextlib, io, sys, pyarrow.parquet as pq, glob
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+gt = COCO(sys.argv[1]); ids = {im["file_name"]: im["id"] for im in gt.dataset["images"]}
+cats = {c["name"]: c["id"] for c in gt.dataset["categories"]}; dets = []
+for part in sorted(glob.glob(sys.argv[2] + "/data/*.parquet")):
+    for r in pq.read_table(part).to_pylist():
+        if r["error"] is None:
+            for b, s, l in zip(r["boxes"], r["scores"], r["labels"]):
+                dets.append({"image_id": ids[r["source_uri"].removeprefix(sys.argv[3])], "category_id": cats[l],
+                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
+with contextlib.redirect_stdout(io.StringIO()):
+    ev = COCOeval(gt, gt.loadRes(dets), "bbox"); ev.evaluate(); ev.accumulate(); ev.summarize()
+"""
+
+
+def _cmd_bench_evaluate(args: argparse.Namespace) -> int:
+    from platescope.evaluation.simulate import simulate_rows, synthetic_coco, write_coco, write_detections
+
+    with tempfile.TemporaryDirectory(prefix="platescope-bench-") as tmp:
+        coco = synthetic_coco(args.rows, seed=0, categories=("licence_plate", "car"))
+        gt = write_coco(coco, os.path.join(tmp, "gt.json"))
+        run = os.path.join(tmp, "run")
+        write_detections(simulate_rows(coco, root=_SIMULATED_ROOT, seed=1, error_rate=0.01), run)
+        del coco
+        seconds, peak = _timed_child(["-m", "platescope", "evaluate", "--detections", run, "--ground-truth",
+                                      str(gt), "--output", os.path.join(tmp, "report")])
+        with open(os.path.join(tmp, "report", "metrics.json")) as f:
+            metrics = json.load(f)
+        figures = {"rows": args.rows, "boxes": metrics["counts"]["boxes"],
+                   "detections": metrics["counts"]["detections"], "map": round(metrics["map"], 6),
+                   "evaluate_s": round(seconds, 2), "evaluate_rows_per_s": round(args.rows / seconds),
+                   "evaluate_peak_rss_mib": round(peak)}
+        if args.pycocotools:
+            seconds, peak = _timed_child(["-c", _PYCOCOTOOLS, str(gt), run, _SIMULATED_ROOT + "/"])
+            figures.update({"pycocotools_s": round(seconds, 2), "pycocotools_peak_rss_mib": round(peak)})
+    _report(figures, args.json_out)
     return 0

@@ -2,7 +2,8 @@
 
 Flags and `key=value` overrides both set config fields; a YAML job file (--config) gives the rest.
 Precedence: job file < flags < key=value. Exit codes: 0 done, 1 the run finished above its error
-budget, 2 the job could not start (bad config, unreadable input, unwritable output, missing model).
+budget, 2 the job could not start (bad config, unreadable input, unwritable output, missing model,
+unreadable labels) or its detections could not be evaluated (empty table, label mismatch).
 """
 
 from __future__ import annotations
@@ -23,6 +24,26 @@ DETECT_FLAGS = {
     "num_gpus_per_actor": "num_gpus_per_actor", "device": "device",
 }
 DETECT_SWITCHES = {"strict": "strict", "incremental": "incremental", "no_progress": "progress"}
+EVALUATE_FLAGS = {
+    "detections": "detections", "ground_truth": "ground_truth", "output": "output",
+    "ground_truth_format": "ground_truth_format", "input_root": "input_root",
+    "score_threshold": "score_threshold", "num_worst_images": "num_worst_images",
+}
+
+
+def _label_map(pairs: list[str] | None) -> dict[str, str] | None:
+    """--label-map license-plate=licence_plate (repeatable); `label=` leaves that label out."""
+    from platescope.config import ConfigError
+
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--label-map {pair!r} is not detector_label=category")
+        label, category = pair.split("=", 1)
+        out[label] = category
+    return out
 
 
 def _add_detect(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +73,47 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
                    help="only inputs no earlier run under --output has finished")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", default=None,
                    help="no progress bar")
+    p.add_argument("--ground-truth", dest="ground_truth",
+                   help="labels to evaluate the run against when it ends (report in <run>/evaluation/)")
     p.set_defaults(func=_cmd_detect)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="COCO metrics and a report of detections against ground truth",
+                       description="Score a detections table against labels: metrics.json, report.md, report.html.")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--config", help="YAML job file (local or s3://)")
+    p.add_argument("--detections", help="a detect run folder, a folder of Parquet files or one file")
+    p.add_argument("--ground-truth", dest="ground_truth", help="COCO JSON, YOLO labels folder or VOC XML folder")
+    p.add_argument("--output", help="report folder (default <detections>/evaluation)")
+    p.add_argument("--format", dest="ground_truth_format", choices=["auto", "coco", "yolo", "voc"],
+                   help="ground-truth format (default: from the file names)")
+    p.add_argument("--input-root", dest="input_root", nargs="+",
+                   help="roots the detections' URIs are relative to (default: the run's inputs)")
+    p.add_argument("--label-map", dest="label_map", action="append", metavar="LABEL=CATEGORY",
+                   help="detector label to ground-truth category; repeat for more; LABEL= leaves it out")
+    p.add_argument("--score-threshold", dest="score_threshold", type=float,
+                   help="score for precision, recall, F1 and the gallery (default 0.5)")
+    p.add_argument("--num-worst-images", dest="num_worst_images", type=int, help="gallery size (default 12)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from platescope.config import ConfigError, EvaluateConfig, build_config
+    from platescope.evaluation.run import EVALUATION_ERRORS, evaluate_and_report, format_result
+
+    try:
+        values = {f: getattr(args, flag) for flag, f in EVALUATE_FLAGS.items() if getattr(args, flag) is not None}
+        label_map = _label_map(args.label_map)
+        if label_map is not None:
+            values["label_map"] = label_map
+        cfg = build_config(EvaluateConfig, file=args.config, values=values, overrides=args.overrides)
+        result, written = evaluate_and_report(cfg)
+    except (ConfigError, *EVALUATION_ERRORS) as e:
+        print(f"platescope evaluate: error: {e}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    print(format_result(result, written))
+    return 0
 
 
 def detect_config_from_args(args: argparse.Namespace):
@@ -62,11 +123,14 @@ def detect_config_from_args(args: argparse.Namespace):
     for flag, field in DETECT_SWITCHES.items():
         if getattr(args, flag):
             values[field] = flag != "no_progress"
+    if args.ground_truth is not None:
+        values["evaluate.ground_truth"] = args.ground_truth
     return build_config(DetectConfig, file=args.config, values=values, overrides=args.overrides)
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
     from platescope.config import ConfigError
+    from platescope.evaluation.run import EVALUATION_ERRORS, format_result
     from platescope.pipeline.run import PreflightError, run_detect
     from platescope.pipeline.summary import format_summary
 
@@ -76,7 +140,12 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     except (ConfigError, PreflightError) as e:
         print(f"platescope detect: error: {e}", file=sys.stderr)
         return EXIT_CANNOT_START
+    except EVALUATION_ERRORS as e:  # the detections are written; only scoring them failed
+        print(f"platescope detect: error: the run finished but cannot be evaluated: {e}", file=sys.stderr)
+        return EXIT_CANNOT_START
     print(format_summary(result.summary))
+    if result.evaluation is not None:
+        print(format_result(result.evaluation, result.reports or {}))
     if result.failed_error_budget:
         s = result.summary
         print(f"platescope detect: error: {s['errors']} of {s['rows']} rows are errors "
@@ -93,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"platescope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_detect(sub)
+    _add_evaluate(sub)
     from platescope import bench, demo
 
     bench.add_parser(sub)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,6 +23,16 @@ from pydantic import (
 )
 
 from platescope.storage import S3Options
+
+
+def _require_text(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return v
+
+
+# A path or name that must say something: "" or "  " fails naming the field.
+Text = Annotated[str, AfterValidator(_require_text)]
 
 
 class ConfigError(ValueError):
@@ -55,12 +66,34 @@ def default_run_id() -> str:
     return "run-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
+class EvaluationOptions(_Strict):
+    """How detections are scored against ground truth; shared by `evaluate` and `detect --ground-truth`."""
+
+    ground_truth: Text = Field(..., description="COCO JSON file, YOLO labels folder or Pascal VOC XML folder (local or s3://)")
+    ground_truth_format: Literal["auto", "coco", "yolo", "voc"] = Field("auto", description="labels format")
+    input_root: list[str] | None = Field(
+        None, description="roots the detections' URIs are made relative to before matching label paths; "
+        "default: the inputs of the run that wrote them")
+    label_map: dict[str, str] = Field(
+        default_factory=dict, description="detector label -> ground-truth category name ('' leaves it out)")
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="score for precision, recall, F1 and the gallery")
+    num_worst_images: int = Field(12, ge=0, le=200, description="images in the report's gallery of failures")
+
+
+class EvaluateConfig(EvaluationOptions):
+    """Everything an `evaluate` run needs."""
+
+    detections: Text = Field(..., description="a detect run folder, a folder of Parquet files, or one file")
+    output: str | None = Field(None, description="report folder; default <detections>/evaluation")
+    s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials")
+
+
 class DetectConfig(_Strict):
     """Everything a `detect` run needs. Counts are named num_*."""
 
     input: list[str] = Field(..., min_length=1, description="local folders/files or s3:// prefixes, listed recursively")
-    output: str = Field(..., description="output root; the run writes into <output>/<run_id>/")
-    model: str = Field(..., description="model dir (local or s3://) or a hub id")
+    output: Text = Field(..., description="output root; the run writes into <output>/<run_id>/")
+    model: Text = Field(..., description="model dir (local or s3://) or a hub id")
     run_id: str = Field(default_factory=default_run_id, description="names the run's folder; rerun to resume")
     detector: Literal["hf"] = Field("hf", description="detector family")
     threshold: float = Field(0.3, ge=0.0, le=1.0, description="minimum score of a kept box")
@@ -90,19 +123,14 @@ class DetectConfig(_Strict):
     allow_unsafe_weights: bool = Field(False, description="allow pickle (.bin) weights, not just safetensors")
     progress: bool = Field(True, description="show a progress bar")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials")
+    evaluate: EvaluationOptions | None = Field(
+        None, description="score the run against ground truth when it ends (report in <run>/evaluation/)")
 
     @field_validator("run_id")
     @classmethod
     def _run_id_is_a_name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
             raise ValueError("must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
-        return v
-
-    @field_validator("output", "model")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
         return v
 
     @model_validator(mode="after")

@@ -86,3 +86,23 @@ def test_override_values_are_typed_by_yaml():
     assert parse_override("run_id=2026-11-21") == (["run_id"], "2026-11-21")
     with pytest.raises(ConfigError, match="not key=value"):
         parse_override("batch_size")
+
+
+def test_ground_truth_flag_and_evaluate_overrides_nest_under_evaluate():
+    cfg = parse(["--input", "a", "--output", "o", "--model", "m", "--ground-truth", "labels.json",
+                 "evaluate.score_threshold=0.7"])
+    assert cfg.evaluate.ground_truth == "labels.json" and cfg.evaluate.score_threshold == 0.7
+    with pytest.raises(ConfigError, match="evaluate.ground_truth: Field required"):
+        parse(["--input", "a", "--output", "o", "--model", "m", "evaluate.score_threshold=0.7"])
+
+
+def test_evaluate_config_is_strict_and_names_the_field():
+    from platescope.config import EvaluateConfig
+
+    args = build_parser().parse_args(["evaluate", "--detections", "d", "--ground-truth", "g.json",
+                                      "--label-map", "license-plate=licence_plate", "--label-map", "car="])
+    assert args.label_map == ["license-plate=licence_plate", "car="]
+    with pytest.raises(ConfigError, match="scor_threshold: unknown field"):
+        build_config(EvaluateConfig, values={"detections": "d", "ground_truth": "g"}, overrides=["scor_threshold=1"])
+    with pytest.raises(ConfigError, match="ground_truth_format: Input should be"):
+        build_config(EvaluateConfig, values={"detections": "d", "ground_truth": "g", "ground_truth_format": "csv"})

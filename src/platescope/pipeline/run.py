@@ -27,6 +27,7 @@ from platescope.storage import S3Options
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+EVALUATION_DIR = "evaluation"
 DECODED_BLOCK_BYTES = 8 * 1024 * 1024
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray treats this machine as the whole cluster
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -39,6 +40,8 @@ class PreflightError(ValueError):
 @dataclass
 class RunResult:
     summary: dict[str, Any]
+    evaluation: Any = None  # EvaluationResult when the run was scored against ground truth
+    reports: dict[str, str] | None = None  # report name -> uri
 
     @property
     def failed_error_budget(self) -> bool:
@@ -112,6 +115,7 @@ def run_detect(cfg: DetectConfig) -> RunResult:
     s3 = cfg.s3.options()
     # Preflight, cheapest first and writing nothing until inputs are known good: model, inputs, output.
     check_model(cfg.model, s3, cfg.trust_remote_code)
+    ground_truth = _read_ground_truth(cfg, s3) if cfg.evaluate else None
     run_dir = storage.join(cfg.output, cfg.run_id)
 
     def create_manifest() -> manifest_mod.Manifest:
@@ -146,7 +150,25 @@ def run_detect(cfg: DetectConfig) -> RunResult:
     )
     summary["rows_per_s_steady"] = stats["steady_rows_per_s"]
     write_summary(summary, run_dir, s3)
-    return RunResult(summary)
+    if cfg.evaluate is None:
+        return RunResult(summary)
+    from platescope.config import EvaluateConfig
+    from platescope.evaluation.run import evaluate_and_report
+
+    eval_cfg = EvaluateConfig(**cfg.evaluate.model_dump(), detections=run_dir,
+                              output=storage.join(run_dir, EVALUATION_DIR), s3=cfg.s3)
+    evaluation, reports = evaluate_and_report(eval_cfg, ground_truth)
+    return RunResult(summary, evaluation, reports)
+
+
+def _read_ground_truth(cfg: DetectConfig, s3: S3Options):
+    """Labels are read before any work, so a bad labels file fails the run at once."""
+    from platescope.evaluation.groundtruth import GroundTruthError, read_ground_truth
+
+    try:
+        return read_ground_truth(cfg.evaluate.ground_truth, format=cfg.evaluate.ground_truth_format, s3=s3)
+    except GroundTruthError as e:
+        raise PreflightError(str(e)) from None
 
 
 def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict]) -> dict[str, Any]:

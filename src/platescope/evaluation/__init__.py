@@ -1,0 +1,1 @@
+"""Scoring detections against ground truth: readers, streaming COCO metrics, reports."""
