@@ -42,6 +42,7 @@ def test_detect_end_to_end_prints_and_saves_the_summary(tmp_path, tiny_model, sc
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rows"] == summary["images"] == 8 and summary["errors"] == 0
     assert summary["detections"] > 0 and summary["rows_per_s"] > 0
+    assert summary["num_gpus_per_actor"] == 0.0  # no GPU in this cluster: CPU actors
     config = json.loads((run_dir / "config.json").read_text())
     assert config["batch_size"] == 3 and config["video_fps"] == 2.0 and config["run_id"] == "e2e-1"
     table = pq.read_table(run_dir / "data")
@@ -164,7 +165,11 @@ def _wait_for_port(host: str, port: int, timeout: float = 60) -> None:
 
 
 def test_address_joins_a_running_ray_cluster(tmp_path, tiny_model, scenes):
-    """--address joins an existing head (token authentication on, as Ray 2.60 starts it) and runs there."""
+    """--address joins an existing head (token authentication on, as Ray 2.60 starts it) and runs there.
+
+    The head advertises one GPU, as a GPU worker group does: detector actors then ask for one GPU each
+    (Ray schedules them on it; this machine has no CUDA, so the model itself falls back to CPU).
+    """
     import tempfile
 
     from ray._private import services
@@ -174,8 +179,8 @@ def test_address_joins_a_running_ray_cluster(tmp_path, tiny_model, scenes):
     # A short temp dir: Ray's Unix sockets live under it and their paths must stay under 108 bytes.
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-         "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=1",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     try:
         host = services.get_node_ip_address()
@@ -186,6 +191,7 @@ def test_address_joins_a_running_ray_cluster(tmp_path, tiny_model, scenes):
         assert "Started a local Ray instance" not in proc.stderr
         summary = json.loads((tmp_path / "out" / "joined" / "summary.json").read_text())
         assert summary["rows"] == 8 and summary["errors"] == 0
+        assert summary["num_gpus_per_actor"] == 1.0
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

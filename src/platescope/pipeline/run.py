@@ -141,7 +141,8 @@ def run_detect(cfg: DetectConfig) -> RunResult:
     if resumed:
         log.warning("resuming run %s: %d of %d shards already done", cfg.run_id, len(done_before), len(shards))
 
-    stats = _execute(cfg, s3, run_dir, todo) if todo else {"rows": 0, "steady_rows_per_s": None}
+    stats = (_execute(cfg, s3, run_dir, todo) if todo
+             else {"rows": 0, "steady_rows_per_s": None, "num_gpus_per_actor": None})
     done = manifest_mod.done_shards(run_dir, s3)
     summary = build_summary(
         run_id=cfg.run_id, run_dir=run_dir, manifest=manifest, done=done,
@@ -149,6 +150,7 @@ def run_detect(cfg: DetectConfig) -> RunResult:
         rows_this_attempt=stats["rows"], max_error_fraction=cfg.max_error_fraction,
     )
     summary["rows_per_s_steady"] = stats["steady_rows_per_s"]
+    summary["num_gpus_per_actor"] = stats["num_gpus_per_actor"]  # as resolved against the cluster
     write_summary(summary, run_dir, s3)
     if cfg.evaluate is None:
         return RunResult(summary)
@@ -227,7 +229,8 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict]) -
             raise RuntimeError(f"shards left incomplete: {sorted(sink.pending)[:5]}")
         elapsed = time.monotonic() - first_at if first_at is not None else 0.0
         steady = (rows - first_rows) / elapsed if elapsed > 0 else None
-        return {"rows": rows, "steady_rows_per_s": round(steady, 3) if steady else None}
+        return {"rows": rows, "steady_rows_per_s": round(steady, 3) if steady else None,
+                "num_gpus_per_actor": num_gpus}
     finally:
         if started_ray:
             ray.shutdown()
