@@ -155,6 +155,32 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune a detector with Ray Train and export the best model",
+                       description="Fine-tune a detector on COCO data across Ray Train workers.")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config fields, e.g. num_workers=4 use_gpu=true storage=s3://checkpoints/ name=plates-1")
+    p.add_argument("--config", help="YAML job file (local or s3://)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from platescope.config import ConfigError, TrainConfig, build_config
+    from platescope.training.run import TrainPreflightError, run_train
+
+    try:
+        cfg = build_config(TrainConfig, file=args.config, overrides=args.overrides)
+        result = run_train(cfg)
+    except (ConfigError, TrainPreflightError) as e:
+        print(f"platescope train: error: {e}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    m = result.best_metrics
+    summary = ", ".join(f"{k} {m[k]:.4f}" for k in ("map", "map_50", "loss") if isinstance(m.get(k), float))
+    print(f"best checkpoint: epoch {m.get('epoch')}: {summary}")
+    print(f"model: {result.export}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="platescope", description=__doc__.splitlines()[0])
     from platescope import __version__
@@ -163,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_detect(sub)
     _add_evaluate(sub)
+    _add_train(sub)
     from platescope import bench, demo
 
     bench.add_parser(sub)

@@ -18,7 +18,6 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -31,8 +30,16 @@ def _require_text(v: str) -> str:
     return v
 
 
-# A path or name that must say something: "" or "  " fails naming the field.
+def _require_name(v: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+        raise ValueError("must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return v
+
+
+# A path that must say something: "" or "  " fails naming the field.
 Text = Annotated[str, AfterValidator(_require_text)]
+# A run name that is safe as one folder name, locally and as an S3 key part.
+Name = Annotated[str, AfterValidator(_require_name)]
 
 
 class ConfigError(ValueError):
@@ -94,7 +101,7 @@ class DetectConfig(_Strict):
     input: list[str] = Field(..., min_length=1, description="local folders/files or s3:// prefixes, listed recursively")
     output: Text = Field(..., description="output root; the run writes into <output>/<run_id>/")
     model: Text = Field(..., description="model dir (local or s3://) or a hub id")
-    run_id: str = Field(default_factory=default_run_id, description="names the run's folder; rerun to resume")
+    run_id: Name = Field(default_factory=default_run_id, description="names the run's folder; rerun to resume")
     detector: Literal["hf"] = Field("hf", description="detector family")
     threshold: float = Field(0.3, ge=0.0, le=1.0, description="minimum score of a kept box")
     video_fps: float = Field(1.0, gt=0.0, description="frames per second sampled from videos")
@@ -126,13 +133,6 @@ class DetectConfig(_Strict):
     evaluate: EvaluationOptions | None = Field(
         None, description="score the run against ground truth when it ends (report in <run>/evaluation/)")
 
-    @field_validator("run_id")
-    @classmethod
-    def _run_id_is_a_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
-            raise ValueError("must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
-        return v
-
     @model_validator(mode="after")
     def _actor_range(self) -> DetectConfig:
         if self.num_actors_max < self.num_actors_min:
@@ -143,6 +143,47 @@ class DetectConfig(_Strict):
 
     def resolved(self) -> dict[str, Any]:
         """JSON-ready config with secrets masked, as saved beside the outputs."""
+        return self.model_dump(mode="json")
+
+
+class TrainConfig(_Strict):
+    """Everything a `train` run needs. Batch size is per worker; steps count optimizer steps."""
+
+    name: Name = Field(..., description="run name: checkpoints go to <storage>/<name>/; rerun it to resume")
+    storage: Text = Field(..., description="checkpoint root, local or s3:// (shared by all workers)")
+    train: Text = Field(..., description="COCO JSON of the training set; images are beside it (local or s3://)")
+    val: str | None = Field(None, description="COCO JSON of the validation set; picks the best checkpoint")
+    model: str | None = Field(None, description="model dir (local or s3://) or hub id to fine-tune")
+    preset: str | None = Field(None, description="architecture trained from scratch instead, e.g. rtdetr-r18")
+    num_workers: int = Field(2, ge=1, description="training workers (one GPU each with use_gpu)")
+    use_gpu: bool = Field(False, description="train on GPUs")
+    num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+    num_epochs: int = Field(10, ge=1, description="passes over the training set")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(4, ge=1, description="images per worker per step")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW peak learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(50, ge=0, description="linear warm-up before the cosine decay")
+    max_grad_norm: float = Field(0.1, gt=0, description="gradient clipping")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype on GPU (auto: bf16 where supported, else fp16); CPU runs fp32")
+    augment: bool = Field(True, description="albumentations on training images (never on val)")
+    min_box_size: float = Field(2.0, ge=0, description="boxes thinner than this (px) after augmentation are dropped")
+    num_checkpoints_to_keep: int = Field(2, ge=1, description="best checkpoints kept, by val mAP")
+    max_failures: int = Field(3, ge=0, description="worker failures survived by restarting from the last checkpoint")
+    export: str | None = Field(None, description="model dir for the best checkpoint; default <storage>/<name>/model")
+    seed: int = Field(0, description="seed for weights of presets, shuffling and augmentation")
+    address: str | None = Field(None, description="Ray cluster to join (else RAY_ADDRESS, else a local Ray)")
+    s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials")
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> TrainConfig:
+        if (self.model is None) == (self.preset is None):
+            raise ValueError("give exactly one of model (a model dir or hub id) and preset (train from scratch)")
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """JSON-ready config with secrets masked, as saved beside the model."""
         return self.model_dump(mode="json")
 
 

@@ -166,3 +166,27 @@ def download_dir(uri: str, dest: str, s3: S3Options | None = None) -> str:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fs.get_file(path, target)
     return dest
+
+
+def upload_dir(local: str, uri: str, s3: S3Options | None = None) -> str:
+    """Copy the local folder `local` to `uri` (local or s3://), file by file; returns uri."""
+    fs, root = filesystem(uri, s3)
+    for folder, _, files in os.walk(local):
+        for name in files:
+            rel = os.path.relpath(os.path.join(folder, name), local).replace(os.sep, "/")
+            target = posixpath.join(root, rel) if not isinstance(fs, LocalFileSystem) else os.path.join(root, rel)
+            if isinstance(fs, LocalFileSystem):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            fs.put_file(os.path.join(folder, name), target)
+    return uri
+
+
+def arrow_filesystem(uri: str, s3: S3Options | None = None):
+    """(pyarrow filesystem, path) for libraries that take pyarrow's (Ray Train's storage): S3 goes
+    through the same s3fs client, so endpoint and credentials resolve exactly as everywhere else."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, s3)
+    if isinstance(fs, LocalFileSystem):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from platescope.config import DetectConfig, build_config
+from platescope.config import DetectConfig, TrainConfig, build_config
 
-JOBS = sorted((Path(__file__).resolve().parents[2] / "jobs").glob("*.yaml"))
+JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
+TRAIN_JOBS = {"plates-finetune.yaml"}
+JOBS = sorted(p for p in JOBS_DIR.glob("*.yaml") if p.name not in TRAIN_JOBS)
 
 
 def test_there_are_job_files():
@@ -25,3 +27,10 @@ def test_drift_check_job_scores_the_run_against_labels():
     cfg = build_config(DetectConfig, file=str(JOBS[0].parent / "plates-drift-check.yaml"))
     assert cfg.evaluate is not None and cfg.evaluate.ground_truth.endswith("labels.json")
     assert cfg.evaluate.label_map == {"license-plate": "licence_plate"}
+
+
+@pytest.mark.parametrize("job", sorted(TRAIN_JOBS))
+def test_train_job_file_loads(job):
+    cfg = build_config(TrainConfig, file=str(JOBS_DIR / job), overrides=["num_workers=4", "use_gpu=true",
+                                                                       "name=plates-rtdetr-2026-11"])
+    assert cfg.num_workers == 4 and cfg.use_gpu and cfg.name == "plates-rtdetr-2026-11" and cfg.val

@@ -103,7 +103,7 @@ def _fetch_s3_dir(uri: str, s3: S3Options | None, cache_dir: str | None) -> str:
     return dest
 
 
-def _local_dir(model: str, s3: S3Options | None, cache_dir: str | None) -> str | None:
+def local_model_dir(model: str, s3: S3Options | None, cache_dir: str | None = None) -> str | None:
     """The local dir to load `model` from, or None when `model` is a hub id."""
     if storage.is_s3(model):
         return _fetch_s3_dir(model, s3, cache_dir)
@@ -162,7 +162,7 @@ class HFDetector:
         else:
             raise ValueError(f"dtype={dtype!r}: use auto, float32, float16 or bfloat16")
 
-        local = _local_dir(model, s3, cache_dir)
+        local = local_model_dir(model, s3, cache_dir)
         load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if local is not None:
             _check_weights(local, allow_unsafe_weights)

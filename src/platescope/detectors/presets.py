@@ -160,10 +160,8 @@ def _init_like_upstream(model: Any, std: float) -> None:
             torch.nn.init.trunc_normal_(param, std=std)
 
 
-def build_model_dir(
-    preset: str, dest: str, *, id2label: dict[int, str] | None = None, seed: int = 0
-) -> str:
-    """Write a randomly initialised `preset` model dir to `dest` and return `dest`.
+def build_model(preset: str, *, id2label: dict[int, str] | None = None, seed: int = 0) -> tuple[Any, Any]:
+    """A randomly initialised `preset` model (in eval mode) and its image processor, in memory.
 
     The same preset, labels and seed always give the same weights, so content hashes of the
     weights (the detector's model_id) are reproducible from run to run (for one torch version).
@@ -185,7 +183,14 @@ def build_model_dir(
         with torch.no_grad():
             _init_like_upstream(model, std=0.02)
     model.eval()
+    return model, processor
 
+
+def build_model_dir(
+    preset: str, dest: str, *, id2label: dict[int, str] | None = None, seed: int = 0
+) -> str:
+    """Write a randomly initialised `preset` model dir (see build_model) to `dest` and return `dest`."""
+    model, processor = build_model(preset, id2label=id2label, seed=seed)
     os.makedirs(dest, exist_ok=True)
     # transformers 5 always writes safetensors (model.safetensors); there is no pickle option left.
     model.save_pretrained(dest)

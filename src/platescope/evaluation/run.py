@@ -206,6 +206,21 @@ def _stream(cfg: EvaluateConfig, gt: GroundTruth, table: DetectionsTable, names:
             "per_class_counts": {c: (per_class_gt.get(c, 0), per_class_dt.get(c, 0)) for c in names}}
 
 
+def score_predictions(gt: GroundTruth, predictions: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      score_threshold: float = 0.5) -> dict[str, Any]:
+    """COCO metrics of in-memory predictions {image_id: (xyxy, scores, category ids)} against `gt`,
+    through the same evaluator as a detections table (training's per-epoch validation uses it).
+    Labelled images without an entry count as missed."""
+    names = dict(gt.categories)
+    evaluator = StreamingCocoEval(list(names), score_threshold=score_threshold)
+    for order, image in enumerate(sorted(gt.images, key=lambda im: im.image_id)):
+        found = predictions.get(image.image_id)
+        evaluator.add(order, _gt_boxes(image), _dt_boxes(*found) if found is not None else {})
+    out = metrics_mod.coco_metrics(evaluator.compute(), names)
+    out.update(metrics_mod.at_threshold(evaluator))
+    return out
+
+
 def _example(uri, image: GroundTruthImage, names, xyxy, scores, cats, threshold, outcome) -> ImageExample:
     keep = (scores >= threshold) & (cats >= 0)
     gt_xyxy = np.column_stack([image.boxes_xywh[:, :2], image.boxes_xywh[:, :2] + image.boxes_xywh[:, 2:]])

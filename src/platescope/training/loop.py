@@ -1,0 +1,211 @@
+"""The per-worker training loop Ray Train runs on every worker, top to bottom.
+
+    build or resume the model -> DDP -> AdamW + cosine schedule with warm-up
+    per epoch: train on this worker's shard (autocast on GPU, clipped gradients)
+               -> predict this worker's val shard -> gather -> COCO metrics (the evaluate code)
+               -> report loss and metrics; rank 0 attaches a checkpoint
+A restarted worker (FailureConfig) or a rerun of the same name gets the last checkpoint from
+`ray.train.get_checkpoint()` and carries on from the epoch after it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+TRAIN_STATE = "train_state.pt"
+
+
+def _build_model(cfg, id2label: dict[int, str], s3, checkpoint_dir: str | None):
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    from platescope.detectors.hf import local_model_dir
+    from platescope.detectors.presets import build_model
+
+    if checkpoint_dir is not None:
+        source = checkpoint_dir
+    elif cfg.preset:
+        # In memory: under torch.distributed only rank 0 may write a model dir (save_pretrained).
+        model, processor = build_model(cfg.preset, id2label=id2label, seed=cfg.seed)
+        return model.train(), processor
+    else:
+        source = local_model_dir(cfg.model, s3) or cfg.model
+    label2id = {name: i for i, name in id2label.items()}
+    model = AutoModelForObjectDetection.from_pretrained(source, id2label=id2label, label2id=label2id,
+                                                        ignore_mismatched_sizes=True)
+    return model, AutoImageProcessor.from_pretrained(source)
+
+
+def _autocast(device, precision: str):
+    import contextlib
+
+    import torch
+
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext, None
+    dtype = torch.float16 if precision == "fp16" or (
+        precision == "auto" and not torch.cuda.is_bf16_supported()) else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+def _encode(processor, batch, device, with_labels: bool):
+    from platescope.training.data import processor_inputs
+
+    images, annotations = processor_inputs(batch)
+    enc = processor(images=images, annotations=annotations if with_labels else None, return_tensors="pt")
+    inputs = {k: enc[k].to(device) for k in ("pixel_values", "pixel_mask") if k in enc}
+    if with_labels:
+        inputs["labels"] = [{k: v.to(device) for k, v in t.items()} for t in enc["labels"]]
+    return inputs, images
+
+
+def _predict(model, processor, shard, cfg, device, autocast) -> dict[int, tuple]:
+    """This worker's share of val: {image_id: (xyxy, scores, class indices)} on original pixels."""
+    import torch
+
+    found = {}
+    model.eval()
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
+            inputs, images = _encode(processor, batch, device, with_labels=False)
+            with autocast():
+                outputs = model(**inputs)
+            sizes = [im.shape[:2] for im in images]
+            results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
+            for image_id, r in zip(batch["image_id"], results):
+                found[int(image_id)] = (r["boxes"].float().cpu().numpy(), r["scores"].float().cpu().numpy(),
+                                        r["labels"].cpu().numpy())
+    model.train()
+    return found
+
+
+def _gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+    from ray.train.torch import get_device, prepare_model
+    from transformers import get_cosine_schedule_with_warmup
+
+    from platescope import storage
+    from platescope.config import TrainConfig
+    from platescope.evaluation.groundtruth import GroundTruth
+    from platescope.evaluation.run import score_predictions
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    s3 = config["s3"]
+    id2label = {int(k): v for k, v in config["id2label"].items()}
+    val_gt: GroundTruth | None = config["val_ground_truth"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()
+    torch.manual_seed(cfg.seed + rank)
+
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model, processor = _build_model(cfg, id2label, s3, d)
+            state = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)
+    else:
+        model, processor = _build_model(cfg, id2label, s3, None)
+    model.to(device)
+    # Detection heads leave some parameters out of some steps (e.g. denoising queries).
+    ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) if world > 1 else model
+    optimizer = torch.optim.AdamW(ddp.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(config["num_train_images"] / (cfg.batch_size * world)))
+    total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps // 2), total_steps)
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    autocast, scaler = _autocast(device, cfg.precision)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if val_gt is not None else None
+    step = state["step"]
+
+    for epoch in range(state["epoch"], cfg.num_epochs if cfg.max_steps is None else 10**9):
+        if step >= total_steps:
+            break
+        ddp.train()
+        started, images, losses = time.perf_counter(), 0, []
+        for batch in train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
+                                              local_shuffle_buffer_size=4 * cfg.batch_size,
+                                              local_shuffle_seed=cfg.seed + 1000 * epoch + rank):
+            inputs, imgs = _encode(processor, batch, device, with_labels=True)
+            with autocast():
+                loss = ddp(**inputs).loss
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            step += 1
+            images += len(imgs)
+            losses.append(float(loss.detach()))
+            if step >= total_steps:
+                break
+        elapsed = time.perf_counter() - started
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step,
+                                   "loss": float(np.mean(_flatten(_gather(losses)) or [float("nan")])),
+                                   "images_per_s": round(sum(_gather(images)) / max(elapsed, 1e-9), 3),
+                                   "learning_rate": scheduler.get_last_lr()[0]}
+        if val_shard is not None:
+            predictions = {}
+            for part in _gather(_predict(ddp, processor, val_shard, cfg, device, autocast)):
+                predictions.update(part)
+            names_to_cat = {name: c for c, name in val_gt.categories.items()}
+            index_to_cat = np.array([names_to_cat.get(id2label[i], -1) for i in range(len(id2label))])
+            scored = score_predictions(val_gt, {k: (b, s, index_to_cat[lab]) for k, (b, s, lab) in predictions.items()})
+            metrics.update({k: v for k, v in scored.items() if isinstance(v, float)})
+        state["history"].append(metrics)
+        _report(ray.train, metrics, state, rank, model, processor, optimizer, scheduler, epoch, step, cfg, s3, storage)
+
+
+def _flatten(parts: list[list[float]]) -> list[float]:
+    return [x for part in parts for x in part]
+
+
+def _report(train, metrics, state, rank, model, processor, optimizer, scheduler, epoch, step, cfg, s3, storage):
+    """Every worker reports (it is a barrier); rank 0 attaches the checkpoint and writes the history."""
+    import torch
+
+    if rank != 0:
+        train.report(metrics)
+        return
+    print("epoch {epoch} step {step}: loss {loss:.4f}".format(**metrics)
+          + (f", map {metrics['map']:.4f}, map_50 {metrics['map_50']:.4f}" if "map" in metrics else "")
+          + f", {metrics['images_per_s']:.1f} images/s", flush=True)
+    storage.write_bytes_atomic(storage.join(cfg.storage, cfg.name, "metrics.json"),
+                               json.dumps(state["history"], indent=2).encode(), s3)
+    with tempfile.TemporaryDirectory(prefix="platescope-ckpt-") as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        torch.save({"epoch": epoch + 1, "step": step, "history": state["history"],
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   os.path.join(tmp, TRAIN_STATE))
+        train.report(metrics, checkpoint=train.Checkpoint.from_directory(tmp),
+                     checkpoint_dir_name=f"epoch-{epoch + 1:04d}")

@@ -1,0 +1,149 @@
+"""The train job: preflight -> Ray Data sets -> TorchTrainer -> export of the best checkpoint.
+
+Checkpoints live under <storage>/<name>/ (Ray Train's run folder); rerunning the same name after
+the driver died finds them there and resumes. The best checkpoint by val mAP (or the last one
+without val) is exported as a model dir `platescope detect --model` loads as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from platescope import storage
+from platescope.config import TrainConfig
+from platescope.training import data
+
+EXPORT_DIR = "model"
+TRAINING_INFO = "platescope_training.json"
+
+
+class TrainPreflightError(ValueError):
+    """The run cannot start; one line naming the input and the problem."""
+
+
+@dataclass
+class TrainResult:
+    export: str
+    best_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def _preflight(cfg: TrainConfig, s3) -> tuple[data.LabelledSet, data.LabelledSet | None]:
+    from platescope.detectors.presets import PRESET_NAMES
+    from platescope.evaluation.groundtruth import GroundTruthError
+    from platescope.pipeline.run import PreflightError, check_model
+
+    if cfg.preset and cfg.preset not in PRESET_NAMES:
+        raise TrainPreflightError(f"preset {cfg.preset!r}: unknown; choose one of {', '.join(PRESET_NAMES)}")
+    if cfg.model:
+        try:
+            check_model(cfg.model, s3, trust_remote_code=False)
+        except PreflightError as e:
+            raise TrainPreflightError(str(e)) from None
+    try:
+        train = data.read_coco_set(cfg.train, s3)
+        val = data.read_coco_set(cfg.val, s3, id2label=train.id2label) if cfg.val else None
+    except GroundTruthError as e:
+        raise TrainPreflightError(str(e)) from None
+    if not train.records or not any(len(r["labels"]) for r in train.records):
+        raise TrainPreflightError(f"train {cfg.train}: no labelled boxes to learn from")
+    try:
+        storage.check_writable(storage.join(cfg.storage, cfg.name), s3)
+    except Exception as e:  # noqa: BLE001 - permissions, DNS, credentials: one line
+        raise TrainPreflightError(f"storage {cfg.storage}: cannot be written ({type(e).__name__}: {e})") from None
+    return train, val
+
+
+def _start_ray(cfg: TrainConfig) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Workers hold their CPUs for the whole run; Ray Data's decode tasks need at least one more.
+        needed = math.ceil(cfg.num_workers * cfg.num_cpus_per_worker) + 1
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+    return True
+
+
+def run_train(cfg: TrainConfig) -> TrainResult:
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from platescope.training.loop import train_loop
+
+    s3 = cfg.s3.options()
+    train, val = _preflight(cfg, s3)
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # per-epoch plans and log paths drown progress
+    started_ray = _start_ray(cfg)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch instead
+        datasets = {"train": data.dataset(train.records, s3=s3, augment=cfg.augment, min_box_size=cfg.min_box_size)}
+        if val is not None:
+            datasets["val"] = data.dataset(val.records, s3=s3, augment=False, min_box_size=0.0)
+        fs, path = storage.arrow_filesystem(cfg.storage, s3)
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "s3": s3, "id2label": train.id2label,
+                               "num_train_images": len(train.records),
+                               "val_ground_truth": val.ground_truth if val else None},
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                         resources_per_worker={"CPU": cfg.num_cpus_per_worker}),
+            run_config=RunConfig(
+                name=cfg.name, storage_path=path, storage_filesystem=fs,
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=cfg.num_checkpoints_to_keep,
+                    checkpoint_score_attribute="map" if val is not None else None, checkpoint_score_order="max"),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+            ),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split="all"),
+        )
+        result = trainer.fit()
+        best, best_metrics = _best(result, scored=val is not None)
+        export = cfg.export or storage.join(cfg.storage, cfg.name, EXPORT_DIR)
+        history = export_model(best, export, cfg, best_metrics, train.id2label, s3)
+        return TrainResult(export=export, best_metrics=best_metrics, history=history)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _best(result, *, scored: bool):
+    candidates = list(result.best_checkpoints or [])
+    if not candidates:
+        raise RuntimeError(f"training reported no checkpoint ({result.error})")
+    if scored:
+        return max(candidates, key=lambda cm: (cm[1].get("map", -1.0), cm[1].get("epoch", 0)))
+    return max(candidates, key=lambda cm: cm[1].get("epoch", 0))
+
+
+def export_model(checkpoint, export: str, cfg: TrainConfig, metrics: dict[str, Any], id2label: dict[int, str],
+                 s3) -> list[dict[str, Any]]:
+    """The checkpoint's model, processor and label map, minus optimizer state, plus what trained it."""
+    import torch
+
+    from platescope.training.loop import TRAIN_STATE
+
+    with tempfile.TemporaryDirectory(prefix="platescope-export-") as tmp:
+        local = checkpoint.to_directory(os.path.join(tmp, "ckpt"))
+        state = torch.load(os.path.join(local, TRAIN_STATE), weights_only=True)
+        os.remove(os.path.join(local, TRAIN_STATE))
+        info = {"training_config": cfg.resolved(), "val_metrics": metrics, "id2label": id2label,
+                "history": state["history"]}
+        with open(os.path.join(local, TRAINING_INFO), "w") as f:
+            json.dump(info, f, indent=2)
+        if storage.exists(export, s3):
+            storage.remove(export, s3)  # a stale export must not keep files the new one lacks
+        storage.upload_dir(local, export, s3)
+    return state["history"]

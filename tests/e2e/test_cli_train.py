@@ -1,0 +1,173 @@
+"""`platescope train` through the CLI: Ray Train on a local Ray with 2 CPU workers, a tiny RT-DETR,
+checkpoints on the SeaweedFS S3 server, worker failure, export, and `detect` on the export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from platescope import samples, storage
+
+CLI = [sys.executable, "-m", "platescope.cli"]
+# A tiny RT-DETR fits 8 images in about 100 steps of 8 (4 on each of 2 workers), as one process does.
+OVERFIT = ["preset=rtdetr-tiny-test", "num_workers=2", "batch_size=4", "learning_rate=0.001",
+           "warmup_steps=5", "max_grad_norm=1.0", "augment=false"]
+COPIES = 8  # the training set lists each image this many times, so an epoch is 8 steps, not 1
+
+
+@pytest.fixture(scope="module")
+def plates(tmp_path_factory) -> Path:
+    """8 generated scenes and their COCO labels (the val set)."""
+    folder = tmp_path_factory.mktemp("plates")
+    return samples.write_image_dataset(str(folder), 8, seed=3, size=(320, 240))
+
+
+@pytest.fixture(scope="module")
+def plates_x8(plates) -> Path:
+    """The same 8 scenes, each copied 8 times under its own name, as a training set."""
+    coco = json.loads(plates.read_text())
+    out = {"images": [], "annotations": [], "categories": coco["categories"]}
+    for copy in range(COPIES):
+        for image in coco["images"]:
+            name = image["file_name"].replace(".jpg", f"-copy{copy}.jpg")
+            shutil.copy(plates.parent / image["file_name"], plates.parent / name)
+            new_id = len(out["images"]) + 1
+            out["images"].append({**image, "id": new_id, "file_name": name})
+            out["annotations"] += [{**a, "id": len(out["annotations"]) + i + 1, "image_id": new_id}
+                                   for i, a in enumerate(a for a in coco["annotations"] if a["image_id"] == image["id"])]
+    path = plates.parent / "train-x8.json"
+    path.write_text(json.dumps(out))
+    return path
+
+
+def train_cli(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "train", *args], check=False, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env})
+
+
+def epochs_printed(output: str) -> list[int]:
+    """Epoch numbers of rank 0's progress lines in order, repeats of one line collapsed (Ray can echo
+    a worker's line twice)."""
+    epochs = [int(line.split("epoch ", 1)[1].split()[0]) for line in output.splitlines()
+              if "epoch " in line and " step " in line and "loss" in line and "Reporting" not in line]
+    return [e for i, e in enumerate(epochs) if i == 0 or e != epochs[i - 1]]
+
+
+def test_overfitting_8_images_raises_map_and_the_export_runs_in_detect(plates, plates_x8, tmp_path, s3_server,
+                                                                      s3_bucket):
+    storage_uri = f"{s3_bucket}/checkpoints"
+    proc = train_cli(*OVERFIT, f"train={plates_x8}", f"val={plates}", f"storage={storage_uri}", "name=overfit",
+                     "num_epochs=14", env=s3_server.env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s3 = s3_server.options()
+    history = json.loads(storage.read_bytes(f"{storage_uri}/overfit/metrics.json", s3))
+    assert [h["epoch"] for h in history] == list(range(1, 15))
+    first, best = history[0]["map"], max(h["map"] for h in history)
+    assert best > first + 0.15, [round(h["map"], 3) for h in history]  # measured: 0.00 -> 0.24 by epoch 12
+    # Checkpoints on S3, the best two kept; the export is a model dir with its training record.
+    keys = [o.uri for o in storage.list_objects(f"{storage_uri}/overfit", s3)]
+    kept = {k.split("/overfit/", 1)[1].split("/")[0] for k in keys if "/epoch-" in k}
+    assert 1 <= len(kept) <= 2
+    export = f"{storage_uri}/overfit/model"
+    info = json.loads(storage.read_bytes(f"{export}/platescope_training.json", s3))
+    assert info["val_metrics"]["map"] == pytest.approx(best) and info["id2label"] == {"0": "licence_plate"}
+    assert s3_server.secret_access_key not in json.dumps(info)
+
+    # The export runs in detect as it is, and gives the plain Hugging Face recipe's boxes.
+    out = tmp_path / "detections"
+    det = subprocess.run([*CLI, "detect", "--input", str(plates.parent), "--model", export, "--output", str(out),
+                          "--run-id", "exported", "--threshold", "0.0", "--no-progress"],
+                         check=False, capture_output=True, text=True, timeout=300, env={**os.environ, **s3_server.env()})
+    assert det.returncode == 0, det.stderr[-3000:]
+    rows = {Path(r["source_uri"]).name: r for r in pq.read_table(out / "exported" / "data").to_pylist()}
+    assert len(rows) == 8 * (COPIES + 1)
+    local = storage.download_dir(export, str(tmp_path / "export"), s3)
+    expected = plain_hf_boxes(local, plates.parent / "scene_00001.jpg")
+    got = rows["scene_00001.jpg"]
+    np.testing.assert_allclose(np.array(got["boxes"]).reshape(-1, 4), expected["boxes"], atol=1e-3)
+    np.testing.assert_allclose(got["scores"], expected["scores"], atol=1e-4)
+
+
+def plain_hf_boxes(model_dir: str, image_path: Path) -> dict[str, np.ndarray]:
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    model = AutoModelForObjectDetection.from_pretrained(model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    image = Image.open(image_path).convert("RGB")
+    with torch.no_grad():
+        outputs = model(**processor(images=[image], return_tensors="pt"))
+    r = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[image.size[::-1]])[0]
+    return {"boxes": r["boxes"].numpy(), "scores": r["scores"].numpy()}
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], check=True, capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(plates_x8, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen([*CLI, "train", *OVERFIT, f"train={plates_x8}", f"storage={ckpt}", "name=killed",
+                             "num_epochs=6", "max_failures=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (ckpt / "killed" / "epoch-0002").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.5)
+        victims = _train_worker_pids()
+        assert victims, "no training worker process found"
+        os.kill(victims[-1], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-4000:]
+    epochs = epochs_printed(output)
+    assert epochs == sorted(epochs) and epochs[-1] == 6, epochs  # carried on, never started over
+    assert "restart" in output.lower() or "failure" in output.lower(), output[-3000:]
+    history = json.loads((ckpt / "killed" / "metrics.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, 7))
+    assert (ckpt / "killed" / "model" / "model.safetensors").is_file()
+
+
+def test_rerunning_after_the_driver_died_resumes(plates_x8, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    args = [*CLI, "train", *OVERFIT, f"train={plates_x8}", f"storage={ckpt}", "name=again", "num_epochs=4"]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (ckpt / "again" / "epoch-0002").is_dir():
+            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and its local Ray die together
+        first.wait(timeout=60)
+    second = subprocess.run(args, check=False, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-4000:]
+    epochs = epochs_printed(second.stdout + second.stderr)
+    assert epochs and min(epochs) >= 3 and max(epochs) == 4, epochs
+
+
+def test_bad_train_config_fails_before_any_work(tmp_path, plates):
+    proc = train_cli(f"train={plates}", f"storage={tmp_path}/ckpt", "name=x", "num_workrs=2",
+                     "preset=rtdetr-tiny-test", env={})
+    assert proc.returncode == 2 and "num_workrs: unknown field" in proc.stderr
+    proc = train_cli(f"train={tmp_path}/missing.json", f"storage={tmp_path}/ckpt", "name=x",
+                     "preset=rtdetr-tiny-test", env={})
+    assert proc.returncode == 2 and "missing.json: not found" in proc.stderr
+    proc = train_cli(f"train={plates}", f"storage={tmp_path}/ckpt", "name=x", env={})
+    assert proc.returncode == 2 and "exactly one of model" in proc.stderr
+    assert not (tmp_path / "ckpt").exists()
