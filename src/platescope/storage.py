@@ -126,7 +126,9 @@ def write_bytes_atomic(uri: str, data: bytes, s3: S3Options | None = None) -> No
     fs, path = filesystem(uri, s3)
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        # Hidden name: a writer killed mid-write leaves a file that Parquet readers (pyarrow, Spark)
+        # and the run's own marker scan skip, instead of a half-written part.
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()

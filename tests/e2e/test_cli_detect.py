@@ -102,15 +102,16 @@ def test_sigkilled_run_resumes_without_redoing_or_duplicating(tmp_path, tmp_path
     done_dir = out / "crash" / "_done"
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
+        # Generous: on a loaded machine Ray start-up and model load alone can take minutes.
+        deadline = time.monotonic() + 480
         while time.monotonic() < deadline and proc.poll() is None:
-            if done_dir.exists() and len(list(done_dir.iterdir())) >= 3:
+            if done_dir.exists() and len(list(done_dir.glob("*.json"))) >= 3:
                 break
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, like a lost node
         proc.wait(timeout=30)
-    done_at_kill = len(list(done_dir.iterdir()))
+    done_at_kill = len(list(done_dir.glob("*.json")))  # not a marker the kill caught mid-write
     assert 3 <= done_at_kill < 40, f"kill should land mid-run, found {done_at_kill} of 40 shards done"
     assert not (out / "crash" / "summary.json").exists()
 
@@ -119,7 +120,7 @@ def test_sigkilled_run_resumes_without_redoing_or_duplicating(tmp_path, tmp_path
     summary = json.loads((out / "crash" / "summary.json").read_text())
     assert summary["shards_resumed"] >= done_at_kill
     assert summary["rows_per_s"] is not None and summary["complete"]
-    rows = pq.read_table(out / "crash" / "data").column("source_uri").to_pylist()
+    rows = pq.read_table(out / "crash" / "data").column("source_uri").to_pylist()  # as any Parquet reader
     assert len(rows) == 40 and len(set(rows)) == 40
 
 

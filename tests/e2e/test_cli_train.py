@@ -112,9 +112,12 @@ def plain_hf_boxes(model_dir: str, image_path: Path) -> dict[str, np.ndarray]:
     return {"boxes": r["boxes"].numpy(), "scores": r["scores"].numpy()}
 
 
-def _train_worker_pids() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], check=True, capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
+def _train_worker_pids(session: int) -> list[int]:
+    """Training worker processes of the Ray the CLI in session `session` started (not any other Ray
+    on this machine: its raylet and workers inherit the CLI's session)."""
+    out = subprocess.run(["ps", "-eo", "pid,sid,args"], check=True, capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines()[1:]]
+    return [int(pid) for pid, sid, args in rows if int(sid) == session and "RayTrainWorker" in args]
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint(plates_x8, tmp_path):
@@ -127,7 +130,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(plates_x8, tmp_path):
         while not (ckpt / "killed" / "epoch-0002").is_dir():
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.5)
-        victims = _train_worker_pids()
+        victims = _train_worker_pids(proc.pid)
         assert victims, "no training worker process found"
         os.kill(victims[-1], signal.SIGKILL)
         output, _ = proc.communicate(timeout=400)

@@ -155,3 +155,24 @@ def test_lists_the_shared_plate_images(shared_data_dir: Path):
     objs = storage.list_objects(str(images))
     assert objs and all(o.uri.startswith(str(images) + os.sep) and o.size > 0 for o in objs)
     assert [o.uri for o in objs] == sorted(o.uri for o in objs)
+
+
+def test_a_write_killed_before_its_rename_leaves_only_a_hidden_file(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = pa.table({"x": [1, 2]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(good, sink)
+    storage.write_bytes_atomic(str(tmp_path / "part-0.parquet"), sink.getvalue().to_pybytes())
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_bytes_atomic(str(tmp_path / "part-1.parquet"), b"PAR1 half written")
+    monkeypatch.undo()
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "part-0.parquet")
+    assert leftovers and all(name.startswith(".") for name in leftovers)
+    assert pq.read_table(tmp_path).num_rows == 2  # a Parquet reader of the folder skips it
