@@ -71,7 +71,10 @@ def _start_ray(cfg: TrainConfig) -> bool:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # Workers hold their CPUs for the whole run; Ray Data's decode tasks need at least one more.
         needed = math.ceil(cfg.num_workers * cfg.num_cpus_per_worker) + 1
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+        # The dashboard serves the state API Ray Train's placement-group cleaner polls (without it,
+        # it warns every few seconds and cannot clean up after a dead controller); loopback only.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True,
+                 dashboard_host="127.0.0.1")
     return True
 
 
