@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from platescope.models import default_model_dir
 from platescope.storage import S3Options
 
 
@@ -100,7 +101,8 @@ class DetectConfig(_Strict):
 
     input: list[str] = Field(..., min_length=1, description="local folders/files or s3:// prefixes, listed recursively")
     output: Text = Field(..., description="output root; the run writes into <output>/<run_id>/")
-    model: Text = Field(..., description="model dir (local or s3://) or a hub id")
+    model: Text = Field(default_factory=default_model_dir,
+                        description="model dir (local or s3://) or a hub id; default: the bundled plate model")
     run_id: Name = Field(default_factory=default_run_id, description="names the run's folder; rerun to resume")
     detector: Literal["hf"] = Field("hf", description="detector family")
     threshold: float = Field(0.3, ge=0.0, le=1.0, description="minimum score of a kept box")
@@ -172,6 +174,8 @@ class TrainConfig(_Strict):
     num_checkpoints_to_keep: int = Field(2, ge=1, description="best checkpoints kept, by val mAP")
     max_failures: int = Field(3, ge=0, description="worker failures survived by restarting from the last checkpoint")
     export: str | None = Field(None, description="model dir for the best checkpoint; default <storage>/<name>/model")
+    export_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="weights dtype of the exported model dir (float16 halves it; detect runs float32)")
     seed: int = Field(0, description="seed for weights of presets, shuffling and augmentation")
     address: str | None = Field(None, description="Ray cluster to join (else RAY_ADDRESS, else a local Ray)")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials")

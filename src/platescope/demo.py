@@ -1,9 +1,8 @@
 """`platescope demo`: the detect job on an embedded default, offline, on a local Ray.
 
 It generates sample inputs (synthetic plate scenes, a short video and a few deliberately bad files)
-and runs `detect` over them with the default model. platescope does not ship trained weights yet, so
-the default model is a randomly initialised YOLOS-tiny-sized detector built from its config: the
-pipeline, table and summary are real, the boxes are not meaningful.
+and runs `detect` over them with the licence-plate model that ships in the package
+(platescope.models), so it needs no network and no model download.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import os
 import sys
 
 DEFAULT_WORKDIR = "platescope-demo"
-DEFAULT_MODEL_PRESET = "yolos-tiny-test"
 
 
 def prepare_inputs(folder: str, *, num_images: int = 24, seed: int = 0) -> str:
@@ -30,20 +28,22 @@ def prepare_inputs(folder: str, *, num_images: int = 24, seed: int = 0) -> str:
     return inputs
 
 
-def default_model(folder: str) -> str:
-    """The default model dir, built from its config once (random weights; see module doc)."""
-    from platescope.detectors.presets import build_model_dir
+def describe_model(model_dir: str) -> str:
+    """One line on the bundled model: what it is and how it scored on its val set."""
+    import json
 
-    path = os.path.join(folder, "model")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        build_model_dir(DEFAULT_MODEL_PRESET, path)
-    return path
+    try:
+        with open(os.path.join(model_dir, "platescope_training.json")) as f:
+            metrics = json.load(f)["val_metrics"]
+    except (OSError, KeyError, ValueError):
+        return model_dir
+    return f"{model_dir} (val AP50 {metrics['map_50']:.3f}, AP {metrics['map']:.3f})"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run detect on generated sample inputs with the default model",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where inputs, model and output go")
+    p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where inputs and output go")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="detect config overrides")
     p.set_defaults(func=_cmd_demo)
 
@@ -51,12 +51,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from platescope.cli import EXIT_CANNOT_START
     from platescope.config import ConfigError, DetectConfig, build_config
+    from platescope.models import default_model_dir
     from platescope.pipeline.run import PreflightError, run_detect
     from platescope.pipeline.summary import format_summary
 
     inputs = prepare_inputs(args.workdir)
-    model = default_model(args.workdir)
-    print(f"platescope demo: model {model} ({DEFAULT_MODEL_PRESET}, random weights: boxes are not meaningful)")
+    model = default_model_dir()
+    print(f"platescope demo: model {describe_model(model)}")
     try:
         cfg = build_config(
             DetectConfig,

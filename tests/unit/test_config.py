@@ -45,9 +45,12 @@ def test_bad_values_fail_naming_the_field(override, field):
     assert "\n" not in str(e.value)
 
 
-def test_missing_required_fields_are_named():
-    with pytest.raises(ConfigError, match="model: Field required"):
-        build_config(DetectConfig, values={"input": ["a"], "output": "o"})
+def test_missing_required_fields_are_named_and_the_model_defaults_to_the_bundled_one():
+    from platescope.models import default_model_dir
+
+    with pytest.raises(ConfigError, match="output: Field required"):
+        build_config(DetectConfig, values={"input": ["a"]})
+    assert build_config(DetectConfig, values={"input": ["a"], "output": "o"}).model == default_model_dir()
 
 
 def test_misspelt_key_in_yaml_names_file_and_field(tmp_path):

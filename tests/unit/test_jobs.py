@@ -20,7 +20,7 @@ def test_there_are_job_files():
 @pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
 def test_job_file_loads(job):
     cfg = build_config(DetectConfig, file=str(job), overrides=["run_id=check-1"])
-    assert cfg.run_id == "check-1" and cfg.input and cfg.model
+    assert cfg.run_id == "check-1" and cfg.input and cfg.model  # a job without model: the bundled one
 
 
 def test_drift_check_job_scores_the_run_against_labels():

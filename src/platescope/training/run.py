@@ -146,7 +146,21 @@ def export_model(checkpoint, export: str, cfg: TrainConfig, metrics: dict[str, A
                 "history": state["history"]}
         with open(os.path.join(local, TRAINING_INFO), "w") as f:
             json.dump(info, f, indent=2)
+        if cfg.export_dtype == "float16":
+            _halve_weights(local)
         if storage.exists(export, s3):
             storage.remove(export, s3)  # a stale export must not keep files the new one lacks
         storage.upload_dir(local, export, s3)
     return state["history"]
+
+
+def _halve_weights(model_dir: str) -> None:
+    """float32 tensors of the dir's safetensors files to float16, in place (loaders upcast them)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for name in os.listdir(model_dir):
+        if name.endswith(".safetensors"):
+            path = os.path.join(model_dir, name)
+            tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in load_file(path).items()}
+            save_file(tensors, path, metadata={"format": "pt"})
