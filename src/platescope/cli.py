@@ -21,7 +21,7 @@ DETECT_FLAGS = {
     "threshold": "threshold", "video_fps": "video_fps", "batch_size": "batch_size",
     "max_error_fraction": "max_error_fraction", "max_pixels": "max_pixels", "address": "address",
     "num_actors_min": "num_actors_min", "num_actors_max": "num_actors_max",
-    "num_gpus_per_actor": "num_gpus_per_actor", "device": "device",
+    "num_gpus_per_actor": "num_gpus_per_actor", "device": "device", "prompt": "prompt", "adapter": "adapter",
 }
 DETECT_SWITCHES = {"strict": "strict", "incremental": "incremental", "no_progress": "progress"}
 EVALUATE_FLAGS = {
@@ -55,7 +55,9 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="output root; the run writes <output>/<run_id>/")
     p.add_argument("--model", help="model dir (local or s3://) or hub id")
     p.add_argument("--run-id", dest="run_id", help="run name; rerun the same to resume")
-    p.add_argument("--detector", choices=["hf"], help="detector family (default hf)")
+    p.add_argument("--detector", choices=["hf", "florence2"], help="detector family (default hf)")
+    p.add_argument("--prompt", help="florence2 task and phrase, e.g. '<CAPTION_TO_PHRASE_GROUNDING> licence plate'")
+    p.add_argument("--adapter", help="florence2 PEFT LoRA adapter dir (local or s3://)")
     p.add_argument("--threshold", type=float, help="minimum box score (default 0.3)")
     p.add_argument("--video-fps", dest="video_fps", type=float, help="video frames sampled per second (default 1)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="images per detector call (default 8)")

@@ -104,7 +104,12 @@ class DetectConfig(_Strict):
     model: Text = Field(default_factory=default_model_dir,
                         description="model dir (local or s3://) or a hub id; default: the bundled plate model")
     run_id: Name = Field(default_factory=default_run_id, description="names the run's folder; rerun to resume")
-    detector: Literal["hf"] = Field("hf", description="detector family")
+    detector: Literal["hf", "florence2"] = Field(
+        "hf", description="detector family: hf (any AutoModelForObjectDetection) or florence2 (prompted)")
+    prompt: str | None = Field(
+        None, description="florence2: task and phrase, e.g. '<CAPTION_TO_PHRASE_GROUNDING> licence plate'")
+    adapter: str | None = Field(None, description="florence2: PEFT LoRA adapter dir (local or s3://)")
+    max_new_tokens: int = Field(256, ge=8, le=4096, description="florence2: longest generated answer")
     threshold: float = Field(0.3, ge=0.0, le=1.0, description="minimum score of a kept box")
     video_fps: float = Field(1.0, gt=0.0, description="frames per second sampled from videos")
     batch_size: int = Field(8, ge=1, le=4096, description="images per detector call")
@@ -134,6 +139,17 @@ class DetectConfig(_Strict):
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials")
     evaluate: EvaluationOptions | None = Field(
         None, description="score the run against ground truth when it ends (report in <run>/evaluation/)")
+
+    @model_validator(mode="after")
+    def _prompt_fits_the_detector(self) -> DetectConfig:
+        from platescope.detectors.florence2 import DETECTION_TASKS
+
+        if self.detector == "florence2":
+            if not self.prompt or not self.prompt.startswith(DETECTION_TASKS):
+                raise ValueError(f"prompt: florence2 needs a prompt starting with one of {', '.join(DETECTION_TASKS)}")
+        elif self.prompt or self.adapter:
+            raise ValueError("prompt and adapter are for detector florence2")
+        return self
 
     @model_validator(mode="after")
     def _actor_range(self) -> DetectConfig:

@@ -194,3 +194,29 @@ def test_real_plate_images_and_traffic_footage(tmp_path, tiny_model, shared_data
     # 4.7 s at 2 fps: one frame every 15 of 30, from frame 0.
     assert frames == list(range(0, 140, 15))
     assert all((r["width"], r["height"]) == (1280, 720) for r in rows if r["frame_index"] is not None)
+
+
+def test_florence2_runs_through_the_same_pipeline_and_table(tmp_path, mixed_inputs):
+    from platescope.detectors.florence2 import Florence2Detector
+    from platescope.detectors.florence2_tiny import build_florence2_scripted_dir
+
+    prompt = "<CAPTION_TO_PHRASE_GROUNDING> licence plate"
+    model = build_florence2_scripted_dir(str(tmp_path / "florence2"), prompt=prompt,
+                                         answer="licence plate<loc_100><loc_200><loc_300><loc_400>")
+    cfg = config(tmp_path, [str(mixed_inputs.root)], model, run_id="prompted", detector="florence2", prompt=prompt,
+                 max_new_tokens=16, video_fps=1)
+    summary = run_detect(cfg).summary
+    rows = read_rows(str(tmp_path / "out" / "prompted"))
+    assert summary["rows"] == len(rows) and {r["prompt"] for r in rows} == {prompt}
+    by_name = {os.path.basename(r["source_uri"]): r for r in rows if r["frame_index"] is None}
+    assert by_name[mixed_inputs.bad["truncated_jpeg"]]["error"].startswith("truncated_image")
+    # The rows carry exactly what the detector finds on the same image, outside Ray.
+    name = mixed_inputs.images[0]
+    from PIL import Image
+
+    direct = Florence2Detector(model, prompt=prompt, threshold=0.0, device="cpu", max_new_tokens=16).detect(
+        [np.asarray(Image.open(mixed_inputs.root / "scenes" / name).convert("RGB"))])[0]
+    row = by_name[name]
+    assert row["error"] is None and row["model"].startswith(model + "@") and row["labels"] == ["licence plate"]
+    np.testing.assert_allclose(np.array(row["boxes"]).reshape(-1, 4), direct.boxes, atol=1e-4)
+    assert row["labels"] == direct.labels

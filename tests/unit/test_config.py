@@ -109,3 +109,14 @@ def test_evaluate_config_is_strict_and_names_the_field():
         build_config(EvaluateConfig, values={"detections": "d", "ground_truth": "g"}, overrides=["scor_threshold=1"])
     with pytest.raises(ConfigError, match="ground_truth_format: Input should be"):
         build_config(EvaluateConfig, values={"detections": "d", "ground_truth": "g", "ground_truth_format": "csv"})
+
+
+def test_florence2_needs_a_detection_prompt_and_hf_takes_none():
+    base = ["--input", "a", "--output", "o", "--model", "m"]
+    cfg = parse([*base, "--detector", "florence2", "--prompt", "<OPEN_VOCABULARY_DETECTION> white van",
+                 "--adapter", "s3://adapters/vans/"])
+    assert cfg.prompt.endswith("white van") and cfg.adapter == "s3://adapters/vans/"
+    with pytest.raises(ConfigError, match="prompt: florence2 needs a prompt starting with one of <OD>"):
+        parse([*base, "--detector", "florence2", "--prompt", "licence plate"])
+    with pytest.raises(ConfigError, match="prompt and adapter are for detector florence2"):
+        parse([*base, "--prompt", "<OD>"])

@@ -187,3 +187,35 @@ def build_florence2_tiny_dir(dest: str, *, seed: int = 0) -> str:
     model.save_pretrained(dest)
     processor.save_pretrained(dest)
     return dest
+
+
+def build_florence2_scripted_dir(dest: str, *, prompt: str, answer: str, seed: int = 0, steps: int = 150) -> str:
+    """A tiny Florence-2 taught (a few seconds of teacher forcing on noise images) to answer `prompt`
+    with `answer`, e.g. "licence plate<loc_100><loc_200><loc_300><loc_400>", whatever the image.
+
+    A random tiny model almost never writes a well-formed `label<loc_*>x4` answer, so tests of what
+    happens to real answers (parsing, scores, the pipeline's rows) use this one.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    model, processor = build_florence2_tiny(seed=seed)
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (48 + 16 * i, 64, 3), dtype=np.uint8)) for i in range(4)]
+    inputs = processor(text=[prompt] * len(images), images=images, return_tensors="pt", padding=True)
+    labels = processor.tokenizer([answer] * len(images), return_tensors="pt")["input_ids"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(steps):
+            loss = model(**inputs, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    os.makedirs(dest, exist_ok=True)
+    model.save_pretrained(dest)
+    processor.save_pretrained(dest)
+    return dest

@@ -63,6 +63,14 @@ def build_detector(spec: dict[str, Any]):
             s3=spec["s3"],
             num_threads=spec.get("num_threads"),
         )
+    if spec["detector"] == "florence2":
+        from platescope.detectors.florence2 import Florence2Detector
+
+        return Florence2Detector(
+            spec["model"], prompt=spec["prompt"], adapter=spec.get("adapter"), threshold=spec["threshold"],
+            device=spec["device"], s3=spec["s3"], num_threads=spec.get("num_threads"),
+            max_new_tokens=spec.get("max_new_tokens", 256), allow_unsafe_weights=spec["allow_unsafe_weights"],
+        )
     raise ValueError(f"detector: unknown family {spec['detector']!r}")
 
 

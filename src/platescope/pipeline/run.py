@@ -106,7 +106,8 @@ def detector_spec(cfg: DetectConfig, s3: S3Options, num_gpus: float) -> dict[str
         "detector": cfg.detector, "model": cfg.model, "threshold": cfg.threshold,
         "device": cfg.device if num_gpus > 0 or cfg.device != "auto" else "cpu", "dtype": cfg.dtype,
         "trust_remote_code": cfg.trust_remote_code, "allow_unsafe_weights": cfg.allow_unsafe_weights,
-        "s3": s3, "num_threads": threads, "prompt": None,
+        "s3": s3, "num_threads": threads, "prompt": cfg.prompt, "adapter": cfg.adapter,
+        "max_new_tokens": cfg.max_new_tokens,
     }
 
 
