@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 EVALUATION_DIR = "evaluation"
 DECODED_BLOCK_BYTES = 8 * 1024 * 1024
-LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray treats this machine as the whole cluster
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -77,23 +76,6 @@ def check_output(output: str, s3: S3Options | None) -> None:
         storage.check_writable(output, s3)
     except Exception as e:  # noqa: BLE001
         raise PreflightError(f"output {output}: cannot be written ({type(e).__name__}: {e})") from None
-
-
-def _start_ray(address: str | None) -> bool:
-    """Join the cluster at address (or RAY_ADDRESS), else start a local Ray; True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # Ray Data's per-execution INFO lines (plans, log paths) drown the summary; warnings stay.
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        # "local" rather than None: never attach by accident to a `ray start` head on this machine.
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    return True
 
 
 def detector_spec(cfg: DetectConfig, s3: S3Options, num_gpus: float) -> dict[str, Any]:
@@ -180,10 +162,9 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict]) -
     Steady throughput counts from the first result to the last, leaving out Ray start-up and model
     loading, which a long run amortises.
     """
-    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
-        # A local Ray is one machine: Ray then binds every server to 127.0.0.1 instead of all
-        # interfaces. Read when Ray is first imported, hence before the import below.
-        os.environ.setdefault(LOCAL_ONLY_ENV, "0")
+    from platescope.ray_session import start_ray
+
+    started_ray = start_ray(cfg.address)  # before any `import ray`: see ray_session
     import ray
     from tqdm import tqdm
 
@@ -191,7 +172,6 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict]) -
     from platescope.pipeline.decode import decode_shard
     from platescope.pipeline.sink import ShardSink
 
-    started_ray = _start_ray(cfg.address)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours below counts shards and rows, Ray's would interleave

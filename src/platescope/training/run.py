@@ -59,36 +59,22 @@ def _preflight(cfg: TrainConfig, s3) -> tuple[data.LabelledSet, data.LabelledSet
     return train, val
 
 
-def _start_ray(cfg: TrainConfig) -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        # Workers hold their CPUs for the whole run; Ray Data's decode tasks need at least one more.
-        needed = math.ceil(cfg.num_workers * cfg.num_cpus_per_worker) + 1
-        # The dashboard serves the state API Ray Train's placement-group cleaner polls (without it,
-        # it warns every few seconds and cannot clean up after a dead controller); loopback only.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True,
-                 dashboard_host="127.0.0.1")
-    return True
-
-
 def run_train(cfg: TrainConfig) -> TrainResult:
+    from platescope.ray_session import start_ray
+
+    s3 = cfg.s3.options()
+    train, val = _preflight(cfg, s3)
+    # Workers hold their CPUs for the whole run; Ray Data's decode tasks need at least one more.
+    # The dashboard serves the state API Ray Train's placement-group cleaner polls (without it, it
+    # warns every few seconds and cannot clean up after a dead controller).
+    needed = math.ceil(cfg.num_workers * cfg.num_cpus_per_worker) + 1
+    started_ray = start_ray(cfg.address, num_cpus=max(os.cpu_count() or 1, needed), dashboard=True)
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from platescope.training.loop import train_loop
 
-    s3 = cfg.s3.options()
-    train, val = _preflight(cfg, s3)
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # per-epoch plans and log paths drown progress
-    started_ray = _start_ray(cfg)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch instead
         datasets = {"train": data.dataset(train.records, s3=s3, augment=cfg.augment, min_box_size=cfg.min_box_size)}
