@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from platescope.detectors.hf import _check_weights, _hash_weights, local_model_dir
+from platescope.detectors.hf import check_weights, hash_weights, local_model_dir
 from platescope.schema import Detections
 from platescope.storage import S3Options
 
@@ -101,8 +101,8 @@ class Florence2Detector:
         local = local_model_dir(model, s3, cache_dir)
         source = local or model
         if local is not None:
-            _check_weights(local, allow_unsafe_weights)
-        self.model_id = f"{model}@{_hash_weights(local)}" if local else model
+            check_weights(local, allow_unsafe_weights)
+        self.model_id = f"{model}@{hash_weights(local)}" if local else model
         self.processor = AutoProcessor.from_pretrained(source)
         self.model = Florence2ForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
         if adapter:
@@ -110,7 +110,7 @@ class Florence2Detector:
 
             adapter_dir = local_model_dir(adapter, s3, cache_dir) or adapter
             self.model = PeftModel.from_pretrained(self.model, adapter_dir)
-            self.model_id += f"+{adapter}@{_hash_weights(adapter_dir)}"
+            self.model_id += f"+{adapter}@{hash_weights(adapter_dir)}"
         self.model.to(self.device).eval()
         self._tokenizer = self.processor.tokenizer
 

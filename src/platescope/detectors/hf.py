@@ -48,7 +48,7 @@ def _weight_files(path: str) -> list[str]:
     )
 
 
-def _check_weights(path: str, allow_unsafe_weights: bool) -> None:
+def check_weights(path: str, allow_unsafe_weights: bool) -> None:
     files = _weight_files(path)
     if any(f.endswith(_SAFE_SUFFIXES) for f in files):
         return
@@ -61,7 +61,7 @@ def _check_weights(path: str, allow_unsafe_weights: bool) -> None:
         )
 
 
-def _hash_weights(path: str) -> str:
+def hash_weights(path: str) -> str:
     """12 hex chars of sha256 over the weight files' names and bytes: the same weights give the same
     id wherever they are stored (local dir, s3 copy), and any change to them gives a new one."""
     files = _weight_files(path)
@@ -165,8 +165,8 @@ class HFDetector:
         local = local_model_dir(model, s3, cache_dir)
         load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if local is not None:
-            _check_weights(local, allow_unsafe_weights)
-            source, self.model_id = local, f"{model}@{_hash_weights(local)}"
+            check_weights(local, allow_unsafe_weights)
+            source, self.model_id = local, f"{model}@{hash_weights(local)}"
         else:
             revision = _hub_revision(model, cache_dir)
             commit = getattr(revision, "resolved", None)
