@@ -112,6 +112,16 @@ def plain_hf_boxes(model_dir: str, image_path: Path) -> dict[str, np.ndarray]:
     return {"boxes": r["boxes"].numpy(), "scores": r["scores"].numpy()}
 
 
+def _committed(run: Path, checkpoint: str) -> bool:
+    """Whether Ray Train has registered `checkpoint` of `run` (listed in its manager snapshot): its
+    folder appears while it is still being written, and a resume skips a checkpoint not yet listed."""
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return False
+    return any(r["checkpoint_dir_name"] == checkpoint for r in snapshot["checkpoint_results"])
+
+
 def _train_worker_pids(session: int) -> list[int]:
     """Training worker processes of the Ray the CLI in session `session` started (not any other Ray
     on this machine: its raylet and workers inherit the CLI's session)."""
@@ -152,7 +162,7 @@ def test_rerunning_after_the_driver_died_resumes(plates_x8, tmp_path):
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not (ckpt / "again" / "epoch-0002").is_dir():
+        while not _committed(ckpt / "again", "epoch-0002"):
             assert first.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.5)
     finally:
