@@ -96,6 +96,29 @@ class EvaluateConfig(EvaluationOptions):
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials")
 
 
+def _check_florence2_prompt(prompt: str | None) -> None:
+    from platescope.detectors.florence2 import DETECTION_TASKS
+
+    if not prompt or not prompt.startswith(DETECTION_TASKS):
+        raise ValueError(f"prompt: florence2 needs a prompt starting with one of {', '.join(DETECTION_TASKS)}")
+
+
+# Florence-2's attention projections: the language model's q/k/v/out (encoder, decoder self- and
+# cross-attention) and the DaViT vision tower's fused qkv and output proj (window and channel blocks).
+FLORENCE2_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "qkv", "proj"]
+
+
+class LoraOptions(_Strict):
+    """PEFT LoRA for Florence-2 fine-tuning (the seed recipe's numbers by default)."""
+
+    r: int = Field(64, ge=1, description="rank of the low-rank update")
+    alpha: float = Field(128, gt=0, description="lora_alpha: the update is scaled by alpha / r")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the LoRA branch")
+    target_modules: list[Text] = Field(
+        default_factory=lambda: list(FLORENCE2_LORA_TARGETS), min_length=1,
+        description="module name suffixes that get an adapter (default: all attention projections)")
+
+
 class DetectConfig(_Strict):
     """Everything a `detect` run needs. Counts are named num_*."""
 
@@ -142,11 +165,8 @@ class DetectConfig(_Strict):
 
     @model_validator(mode="after")
     def _prompt_fits_the_detector(self) -> DetectConfig:
-        from platescope.detectors.florence2 import DETECTION_TASKS
-
         if self.detector == "florence2":
-            if not self.prompt or not self.prompt.startswith(DETECTION_TASKS):
-                raise ValueError(f"prompt: florence2 needs a prompt starting with one of {', '.join(DETECTION_TASKS)}")
+            _check_florence2_prompt(self.prompt)
         elif self.prompt or self.adapter:
             raise ValueError("prompt and adapter are for detector florence2")
         return self
@@ -173,6 +193,14 @@ class TrainConfig(_Strict):
     val: str | None = Field(None, description="COCO JSON of the validation set; picks the best checkpoint")
     model: str | None = Field(None, description="model dir (local or s3://) or hub id to fine-tune")
     preset: str | None = Field(None, description="architecture trained from scratch instead, e.g. rtdetr-r18")
+    detector: Literal["hf", "florence2"] = Field(
+        "hf", description="hf: fine-tune all weights of an object detector; florence2: a LoRA adapter on Florence-2")
+    prompt: str | None = Field(
+        None, description="florence2: the task prompt the adapter learns to answer (default <OD>)")
+    max_new_tokens: int = Field(
+        256, ge=8, le=4096, description="florence2: longest answer; targets are cut at a whole box to fit")
+    lora: LoraOptions = Field(default_factory=LoraOptions, description="florence2: LoRA rank, scale and modules")
+    merge: bool = Field(False, description="florence2: export base + adapter merged into one model dir")
     num_workers: int = Field(2, ge=1, description="training workers (one GPU each with use_gpu)")
     use_gpu: bool = Field(False, description="train on GPUs")
     num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
@@ -201,6 +229,25 @@ class TrainConfig(_Strict):
         if (self.model is None) == (self.preset is None):
             raise ValueError("give exactly one of model (a model dir or hub id) and preset (train from scratch)")
         return self
+
+    @model_validator(mode="after")
+    def _florence2_fields(self) -> TrainConfig:
+        if self.detector == "florence2":
+            if self.model is None:
+                raise ValueError("model: florence2 fine-tuning needs the base model dir (presets are detectors)")
+            _check_florence2_prompt(self.task_prompt)
+        else:
+            # Compared with the defaults, not fields_set: a dumped config (as workers get it) sets all.
+            given = [name for name, unset in (("prompt", None), ("lora", LoraOptions()), ("merge", False))
+                     if getattr(self, name) != unset]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for detector florence2")
+        return self
+
+    @property
+    def task_prompt(self) -> str:
+        """florence2: the prompt training targets answer (<OD> unless set)."""
+        return self.prompt or "<OD>"
 
     def resolved(self) -> dict[str, Any]:
         """JSON-ready config with secrets masked, as saved beside the model."""

@@ -120,3 +120,24 @@ def test_florence2_needs_a_detection_prompt_and_hf_takes_none():
         parse([*base, "--detector", "florence2", "--prompt", "licence plate"])
     with pytest.raises(ConfigError, match="prompt and adapter are for detector florence2"):
         parse([*base, "--prompt", "<OD>"])
+
+
+TRAIN = ["name=run", "storage=/tmp/ckpt", "train=train.json"]
+
+
+def test_florence2_training_fields_are_checked_before_any_work():
+    from platescope.config import TrainConfig
+
+    cfg = build_config(TrainConfig, overrides=[*TRAIN, "detector=florence2", "model=m", "lora.r=16"])
+    assert cfg.task_prompt == "<OD>" and cfg.lora.r == 16 and cfg.lora.alpha == 128
+    cases = [
+        (["detector=florence2", "preset=rtdetr-slim"], "model: florence2 fine-tuning needs the base model dir"),
+        (["detector=florence2", "model=m", "prompt=plates please"], "prompt: florence2 needs a prompt"),
+        (["detector=florence2", "model=m", "lora.rank=8"], "lora.rank: unknown field"),
+        (["detector=florence2", "model=m", "lora.target_modules=[]"], "lora.target_modules"),
+        (["preset=rtdetr-slim", "merge=true"], "merge: only for detector florence2"),
+        (["preset=rtdetr-slim", "lora.r=8"], "lora: only for detector florence2"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            build_config(TrainConfig, overrides=[*TRAIN, *overrides])

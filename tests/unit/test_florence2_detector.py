@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from platescope.detectors.florence2 import Florence2Detector, parse_boxes, task_of
+from platescope.detectors.florence2 import Florence2Detector, parse_boxes, parsed_to_detections, task_of
 from platescope.detectors.florence2_tiny import build_florence2_scripted_dir, build_florence2_tiny_dir
 
 GROUNDING = "<CAPTION_TO_PHRASE_GROUNDING> licence plate"
@@ -58,8 +58,8 @@ def test_boxes_equal_the_processors_own_post_processing(detector, task):
     size = (640, 480)
     expected = detector.processor.post_process_generation(text, task=task, image_size=size)[task]
     tokens = tokens_of(detector, text)
-    got = detector._detections(parse_boxes(tokens, [0.0] * len(tokens),
-                                           detector.processor.tokenizer.convert_tokens_to_string), size)
+    parsed = parse_boxes(tokens, [0.0] * len(tokens), detector.processor.tokenizer.convert_tokens_to_string)
+    got = parsed_to_detections(detector.processor, parsed, size)
     labels = expected.get("labels", expected.get("bboxes_labels"))
     np.testing.assert_allclose(got.boxes, np.array(expected["bboxes"], np.float32), atol=1.0)
     assert got.labels == labels

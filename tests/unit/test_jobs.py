@@ -9,8 +9,8 @@ import pytest
 from platescope.config import DetectConfig, TrainConfig, build_config
 
 JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
-TRAIN_JOBS = {"plates-finetune.yaml"}
-JOBS = sorted(p for p in JOBS_DIR.glob("*.yaml") if p.name not in TRAIN_JOBS)
+TRAIN_JOBS = {"plates-finetune.yaml", "florence2-lora.yaml"}
+JOBS = sorted(p for p in JOBS_DIR.glob("*.yaml") if p.name not in TRAIN_JOBS | {"kustomization.yaml"})
 
 
 def test_there_are_job_files():
@@ -34,3 +34,9 @@ def test_train_job_file_loads(job):
     cfg = build_config(TrainConfig, file=str(JOBS_DIR / job), overrides=["num_workers=4", "use_gpu=true",
                                                                        "name=plates-rtdetr-2026-11"])
     assert cfg.num_workers == 4 and cfg.use_gpu and cfg.name == "plates-rtdetr-2026-11" and cfg.val
+
+
+def test_florence2_lora_job_uses_the_seed_recipe():
+    cfg = build_config(TrainConfig, file=str(JOBS_DIR / "florence2-lora.yaml"), overrides=["use_gpu=true"])
+    assert cfg.detector == "florence2" and cfg.task_prompt == "<OD>" and cfg.learning_rate == 1e-4
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (64, 128, 0.1)

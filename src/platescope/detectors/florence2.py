@@ -112,38 +112,48 @@ class Florence2Detector:
             self.model = PeftModel.from_pretrained(self.model, adapter_dir)
             self.model_id += f"+{adapter}@{hash_weights(adapter_dir)}"
         self.model.to(self.device).eval()
-        self._tokenizer = self.processor.tokenizer
 
     def detect(self, images: Sequence[np.ndarray], prompts: Sequence[str] | None = None) -> list[Detections]:
-        import torch
-        from PIL import Image
-
-        if not images:
-            return []
         prompts = list(prompts) if prompts is not None else [self.prompt] * len(images)
-        for p in set(prompts):
-            task_of(p)
-        pil = [Image.fromarray(np.asarray(im)) for im in images]
-        inputs = self.processor(text=prompts, images=pil, return_tensors="pt", padding=True)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, num_beams=1, do_sample=False,
-                                      output_scores=True, return_dict_in_generate=True)
-        logprobs = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-        results = []
-        for seq, lp, image in zip(out.sequences.cpu(), logprobs.cpu(), pil):
-            tokens = self._tokenizer.convert_ids_to_tokens(seq[1:].tolist())  # [0] is the decoder start
-            parsed = [b for b in parse_boxes(tokens, lp.tolist(), self._tokenizer.convert_tokens_to_string)
-                      if b.score >= self.threshold]
-            results.append(self._detections(parsed, image.size))
-        return results
+        return generate_detections(self.model, self.processor, images, prompts,
+                                   max_new_tokens=self.max_new_tokens, threshold=self.threshold)
 
-    def _detections(self, parsed: list[ParsedBox], size: tuple[int, int]) -> Detections:
-        import torch
 
-        if not parsed:
-            return Detections()
-        bins = torch.tensor([b.bins for b in parsed], dtype=torch.float32)
-        boxes = self.processor.post_processor.dequantize(bins, size).reshape(-1, 4).numpy()
-        return Detections(boxes=boxes, scores=[b.score for b in parsed],
-                          label_ids=[NO_LABEL_ID] * len(parsed), labels=[b.label for b in parsed])
+def generate_detections(model, processor, images: Sequence[np.ndarray], prompts: Sequence[str], *,
+                        max_new_tokens: int, threshold: float = 0.0) -> list[Detections]:
+    """Greedy generation for a batch of images and prompts -> boxes in original pixels, scored as the
+    module doc says. `model` may carry a LoRA adapter (training's validation passes its own)."""
+    import torch
+    from PIL import Image
+
+    if not len(images):
+        return []
+    for p in set(prompts):
+        task_of(p)
+    pil = [Image.fromarray(np.asarray(im)) for im in images]
+    device = next(model.parameters()).device
+    inputs = processor(text=list(prompts), images=pil, return_tensors="pt", padding=True)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True)
+    logprobs = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    tokenizer = processor.tokenizer
+    results = []
+    for seq, lp, image in zip(out.sequences.cpu(), logprobs.float().cpu(), pil):
+        tokens = tokenizer.convert_ids_to_tokens(seq[1:].tolist())  # [0] is the decoder start
+        parsed = [b for b in parse_boxes(tokens, lp.tolist(), tokenizer.convert_tokens_to_string)
+                  if b.score >= threshold]
+        results.append(parsed_to_detections(processor, parsed, image.size))
+    return results
+
+
+def parsed_to_detections(processor, parsed: list[ParsedBox], size: tuple[int, int]) -> Detections:
+    import torch
+
+    if not parsed:
+        return Detections()
+    bins = torch.tensor([b.bins for b in parsed], dtype=torch.float32)
+    boxes = processor.post_processor.dequantize(bins, size).reshape(-1, 4).numpy()
+    return Detections(boxes=boxes, scores=[b.score for b in parsed],
+                      label_ids=[NO_LABEL_ID] * len(parsed), labels=[b.label for b in parsed])

@@ -1,6 +1,6 @@
 """The per-worker training loop Ray Train runs on every worker, top to bottom.
 
-    build or resume the model -> DDP -> AdamW + cosine schedule with warm-up
+    build or resume the model (the family's recipe) -> DDP -> AdamW on what trains + cosine warm-up
     per epoch: train on this worker's shard (autocast on GPU, clipped gradients)
                -> predict this worker's val shard -> gather -> COCO metrics (the evaluate code)
                -> report loss and metrics; rank 0 attaches a checkpoint
@@ -22,24 +22,15 @@ import numpy as np
 TRAIN_STATE = "train_state.pt"
 
 
-def _build_model(cfg, id2label: dict[int, str], s3, checkpoint_dir: str | None):
-    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+def recipe_for(cfg):
+    """The module that knows the model family: detector_recipe or florence2_recipe."""
+    if cfg.detector == "florence2":
+        from platescope.training import florence2_recipe
 
-    from platescope.detectors.hf import local_model_dir
-    from platescope.detectors.presets import build_model
+        return florence2_recipe
+    from platescope.training import detector_recipe
 
-    if checkpoint_dir is not None:
-        source = checkpoint_dir
-    elif cfg.preset:
-        # In memory: under torch.distributed only rank 0 may write a model dir (save_pretrained).
-        model, processor = build_model(cfg.preset, id2label=id2label, seed=cfg.seed)
-        return model.train(), processor
-    else:
-        source = local_model_dir(cfg.model, s3) or cfg.model
-    label2id = {name: i for i, name in id2label.items()}
-    model = AutoModelForObjectDetection.from_pretrained(source, id2label=id2label, label2id=label2id,
-                                                        ignore_mismatched_sizes=True)
-    return model, AutoImageProcessor.from_pretrained(source)
+    return detector_recipe
 
 
 def _autocast(device, precision: str):
@@ -55,18 +46,7 @@ def _autocast(device, precision: str):
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
 
 
-def _encode(processor, batch, device, with_labels: bool):
-    from platescope.training.data import processor_inputs
-
-    images, annotations = processor_inputs(batch)
-    enc = processor(images=images, annotations=annotations if with_labels else None, return_tensors="pt")
-    inputs = {k: enc[k].to(device) for k in ("pixel_values", "pixel_mask") if k in enc}
-    if with_labels:
-        inputs["labels"] = [{k: v.to(device) for k, v in t.items()} for t in enc["labels"]]
-    return inputs, images
-
-
-def _predict(model, processor, shard, cfg, device, autocast) -> dict[int, tuple]:
+def _predict(recipe, model, processor, shard, cfg, id2label, device, autocast) -> dict[int, tuple]:
     """This worker's share of val: {image_id: (xyxy, scores, class indices)} on original pixels."""
     import torch
 
@@ -74,14 +54,10 @@ def _predict(model, processor, shard, cfg, device, autocast) -> dict[int, tuple]
     model.eval()
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
-            inputs, images = _encode(processor, batch, device, with_labels=False)
             with autocast():
-                outputs = model(**inputs)
-            sizes = [im.shape[:2] for im in images]
-            results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
-            for image_id, r in zip(batch["image_id"], results):
-                found[int(image_id)] = (r["boxes"].float().cpu().numpy(), r["scores"].float().cpu().numpy(),
-                                        r["labels"].cpu().numpy())
+                per_image = recipe.predict(model, processor, batch, cfg, id2label, device)
+            for image_id, prediction in zip(batch["image_id"], per_image):
+                found[int(image_id)] = prediction
     model.train()
     return found
 
@@ -116,18 +92,21 @@ def train_loop(config: dict[str, Any]) -> None:
     device = get_device()
     torch.manual_seed(cfg.seed + rank)
 
+    recipe = recipe_for(cfg)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            model, processor = _build_model(cfg, id2label, s3, d)
+            model, processor = recipe.build(cfg, id2label, s3, d)
             state = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)
     else:
-        model, processor = _build_model(cfg, id2label, s3, None)
+        model, processor = recipe.build(cfg, id2label, s3, None)
     model.to(device)
     # Detection heads leave some parameters out of some steps (e.g. denoising queries).
     ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) if world > 1 else model
-    optimizer = torch.optim.AdamW(ddp.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # Only what trains: a LoRA run's frozen base never enters the optimizer (nor its state).
+    trainable = [p for p in ddp.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(config["num_train_images"] / (cfg.batch_size * world)))
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps // 2), total_steps)
@@ -147,16 +126,15 @@ def train_loop(config: dict[str, Any]) -> None:
         for batch in train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
                                               local_shuffle_buffer_size=4 * cfg.batch_size,
                                               local_shuffle_seed=cfg.seed + 1000 * epoch + rank):
-            inputs, imgs = _encode(processor, batch, device, with_labels=True)
             with autocast():
-                loss = ddp(**inputs).loss
+                loss = recipe.loss(ddp, processor, batch, cfg, id2label, device)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
             else:
                 loss.backward()
-            torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -164,7 +142,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 optimizer.step()
             scheduler.step()
             step += 1
-            images += len(imgs)
+            images += len(batch["image_id"])
             losses.append(float(loss.detach()))
             if step >= total_steps:
                 break
@@ -175,21 +153,25 @@ def train_loop(config: dict[str, Any]) -> None:
                                    "learning_rate": scheduler.get_last_lr()[0]}
         if val_shard is not None:
             predictions = {}
-            for part in _gather(_predict(ddp, processor, val_shard, cfg, device, autocast)):
+            # The unwrapped model: generation (Florence-2) is not a DDP forward, and eval needs no sync.
+            for part in _gather(_predict(recipe, model, processor, val_shard, cfg, id2label, device, autocast)):
                 predictions.update(part)
             names_to_cat = {name: c for c, name in val_gt.categories.items()}
-            index_to_cat = np.array([names_to_cat.get(id2label[i], -1) for i in range(len(id2label))])
+            # -1 (a class index the head lacks, or a label that is no category) stays -1: no category.
+            index_to_cat = np.array([names_to_cat.get(id2label[i], -1) for i in range(len(id2label))] + [-1])
             scored = score_predictions(val_gt, {k: (b, s, index_to_cat[lab]) for k, (b, s, lab) in predictions.items()})
             metrics.update({k: v for k, v in scored.items() if isinstance(v, float)})
         state["history"].append(metrics)
-        _report(ray.train, metrics, state, rank, model, processor, optimizer, scheduler, epoch, step, cfg, s3, storage)
+        _report(ray.train, metrics, state, rank, recipe, model, processor, optimizer, scheduler, epoch, step, cfg,
+                s3, storage)
 
 
 def _flatten(parts: list[list[float]]) -> list[float]:
     return [x for part in parts for x in part]
 
 
-def _report(train, metrics, state, rank, model, processor, optimizer, scheduler, epoch, step, cfg, s3, storage):
+def _report(train, metrics, state, rank, recipe, model, processor, optimizer, scheduler, epoch, step, cfg, s3,
+            storage):
     """Every worker reports (it is a barrier); rank 0 attaches the checkpoint and writes the history."""
     import torch
 
@@ -202,8 +184,7 @@ def _report(train, metrics, state, rank, model, processor, optimizer, scheduler,
     storage.write_bytes_atomic(storage.join(cfg.storage, cfg.name, "metrics.json"),
                                json.dumps(state["history"], indent=2).encode(), s3)
     with tempfile.TemporaryDirectory(prefix="platescope-ckpt-") as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        recipe.save(model, processor, tmp)
         torch.save({"epoch": epoch + 1, "step": step, "history": state["history"],
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    os.path.join(tmp, TRAIN_STATE))

@@ -2,7 +2,9 @@
 
 Checkpoints live under <storage>/<name>/ (Ray Train's run folder); rerunning the same name after
 the driver died finds them there and resumes. The best checkpoint by val mAP (or the last one
-without val) is exported as a model dir `platescope detect --model` loads as it is.
+without val) is exported as a model dir `platescope detect --model` loads as it is; for Florence-2,
+as a LoRA adapter `detect --detector florence2 --adapter` loads on its base (or, with merge, as a
+full model dir).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def _preflight(cfg: TrainConfig, s3) -> tuple[data.LabelledSet, data.LabelledSet
             check_model(cfg.model, s3, trust_remote_code=False)
         except PreflightError as e:
             raise TrainPreflightError(str(e)) from None
+        _check_family(cfg, s3)
     try:
         train = data.read_coco_set(cfg.train, s3)
         val = data.read_coco_set(cfg.val, s3, id2label=train.id2label) if cfg.val else None
@@ -57,6 +60,23 @@ def _preflight(cfg: TrainConfig, s3) -> tuple[data.LabelledSet, data.LabelledSet
     except Exception as e:  # noqa: BLE001 - permissions, DNS, credentials: one line
         raise TrainPreflightError(f"storage {cfg.storage}: cannot be written ({type(e).__name__}: {e})") from None
     return train, val
+
+
+def _check_family(cfg: TrainConfig, s3) -> None:
+    """A Florence-2 dir for detector florence2, an object detector otherwise (read from its
+    config.json; a hub id is checked when it loads)."""
+    config_json = storage.join(cfg.model, "config.json")
+    if not (storage.is_s3(cfg.model) or os.path.isdir(cfg.model)):
+        return
+    try:
+        model_type = json.loads(storage.read_bytes(config_json, s3)).get("model_type")
+    except (OSError, ValueError) as e:
+        raise TrainPreflightError(f"model {cfg.model}: config.json cannot be read ({e})") from None
+    if (model_type == "florence2") != (cfg.detector == "florence2"):
+        wanted = "a Florence-2 model" if cfg.detector == "florence2" else "an object detector"
+        hint = "" if cfg.detector == "florence2" else " (set detector=florence2 for a LoRA adapter on it)"
+        raise TrainPreflightError(f"model {cfg.model}: is a {model_type} model; detector={cfg.detector} needs "
+                                  f"{wanted}{hint}")
 
 
 def run_train(cfg: TrainConfig) -> TrainResult:
@@ -119,17 +139,18 @@ def _best(result, *, scored: bool):
 
 def export_model(checkpoint, export: str, cfg: TrainConfig, metrics: dict[str, Any], id2label: dict[int, str],
                  s3) -> list[dict[str, Any]]:
-    """The checkpoint's model, processor and label map, minus optimizer state, plus what trained it."""
+    """The checkpoint's model (or Florence-2 adapter), processor and label map, minus optimizer state,
+    plus what trained it."""
     import torch
 
-    from platescope.training.loop import TRAIN_STATE
+    from platescope.training.loop import TRAIN_STATE, recipe_for
 
     with tempfile.TemporaryDirectory(prefix="platescope-export-") as tmp:
         local = checkpoint.to_directory(os.path.join(tmp, "ckpt"))
         state = torch.load(os.path.join(local, TRAIN_STATE), weights_only=True)
         os.remove(os.path.join(local, TRAIN_STATE))
         info = {"training_config": cfg.resolved(), "val_metrics": metrics, "id2label": id2label,
-                "history": state["history"]}
+                **recipe_for(cfg).finish_export(local, cfg, s3), "history": state["history"]}
         with open(os.path.join(local, TRAINING_INFO), "w") as f:
             json.dump(info, f, indent=2)
         if cfg.export_dtype == "float16":
