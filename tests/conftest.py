@@ -301,3 +301,72 @@ def mixed_inputs(tmp_path_factory: pytest.TempPathFactory) -> MixedInputs:
     bad = samples.write_bad_inputs(str(root / "bad"))
     images = sorted(p.name for p in (root / "scenes").iterdir())
     return MixedInputs(root=root, images=images, bad={k: os.path.basename(v) for k, v in bad.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# A Ray head as clusters run it: token authentication, dashboard and Job API (cluster/start-local-head.sh)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayHead:
+    gcs_address: str  # for --address / ray.init
+    dashboard_url: str  # for the Job Submission API
+    token: str
+
+    def env(self) -> dict[str, str]:
+        """What a client needs to be let in."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+
+def _wait_for_job_api(url: str, deadline_s: float = 120) -> None:
+    import requests
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            # 200 or 401: the dashboard answers (token auth guards the API)
+            if requests.get(f"{url}/api/version", timeout=2).status_code in (200, 401):
+                return
+        except requests.exceptions.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"no Ray dashboard at {url}")
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayHead]:
+    """The repository's own local-head script on free ports, in its own session. It advertises one
+    GPU, as a GPU worker group does (jobs' actors ask for it; without CUDA the model runs on CPU)."""
+    import tempfile
+
+    gcs_port, dashboard_port = _free_ports(2)
+    token = f"platescope-test-{uuid.uuid4().hex}"
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Unix socket paths must stay short
+    env = {**os.environ, "RAY_AUTH_TOKEN": token, "RAY_PORT": str(gcs_port), "RAY_DASHBOARD_PORT": str(dashboard_port),
+           "RAY_NUM_CPUS": "2", "RAY_TEMP_DIR": ray_tmp}
+    head = subprocess.Popen([str(REPO_ROOT / "cluster" / "start-local-head.sh"), "--block", "--num-gpus=1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_for_job_api(url)
+        yield RayHead(gcs_address=f"127.0.0.1:{gcs_port}", dashboard_url=url, token=token)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def scenes(tmp_path_factory) -> Path:
+    """8 generated street scenes (320x240 JPEGs, no labels file) to run detect on."""
+    from platescope import samples
+
+    folder = tmp_path_factory.mktemp("scenes")
+    samples.write_image_dataset(str(folder), 8, seed=5, size=(320, 240))
+    os.remove(folder / "annotations.json")
+    return folder

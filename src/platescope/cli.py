@@ -192,10 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detect(sub)
     _add_evaluate(sub)
     _add_train(sub)
-    from platescope import bench, demo
+    from platescope import bench, demo, submit
 
     bench.add_parser(sub)
     demo.add_parser(sub)
+    submit.add_parser(sub)
     return parser
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -21,14 +19,6 @@ CLI = [sys.executable, "-m", "platescope.cli"]
 
 def run_cli(*args: str, timeout: float = 240, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], check=False, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("scenes")
-    samples.write_image_dataset(str(folder), 8, seed=5, size=(320, 240))
-    os.remove(folder / "annotations.json")
-    return folder
 
 
 def test_detect_end_to_end_prints_and_saves_the_summary(tmp_path, tiny_model, scenes):
@@ -145,59 +135,17 @@ def test_s3_credentials_from_the_environment_reach_the_workers(tmp_path, tiny_mo
     assert s3_server.secret_access_key not in config["Body"].read().decode()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(host: str, port: int, timeout: float = 60) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
-
-
-def test_address_joins_a_running_ray_cluster(tmp_path, tiny_model, scenes):
-    """--address joins an existing head (token authentication on, as Ray 2.60 starts it) and runs there.
+def test_address_joins_a_running_ray_cluster(tmp_path, tiny_model, scenes, ray_head):
+    """--address joins an existing head (token authentication on, as Ray 2.60 clusters run) and runs there.
 
     The head advertises one GPU, as a GPU worker group does: detector actors then ask for one GPU each
     (Ray schedules them on it; this machine has no CUDA, so the model itself falls back to CPU).
     """
-    import tempfile
-
-    from ray._private import services
-
-    port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    # A short temp dir: Ray's Unix sockets live under it and their paths must stay under 108 bytes.
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=1",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-    try:
-        host = services.get_node_ip_address()
-        _wait_for_port(host, port)
-        proc = run_cli("detect", "--input", str(scenes), "--model", tiny_model, "--output", str(tmp_path / "out"),
-                       "--run-id", "joined", "--address", f"{host}:{port}", "--no-progress", env=env, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "Started a local Ray instance" not in proc.stderr
-        summary = json.loads((tmp_path / "out" / "joined" / "summary.json").read_text())
-        assert summary["rows"] == 8 and summary["errors"] == 0
-        assert summary["num_gpus_per_actor"] == 1.0
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    proc = run_cli("detect", "--input", str(scenes), "--model", tiny_model, "--output", str(tmp_path / "out"),
+                   "--run-id", "joined", "--address", ray_head.gcs_address, "--no-progress",
+                   env={**os.environ, **ray_head.env()}, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Started a local Ray instance" not in proc.stderr
+    summary = json.loads((tmp_path / "out" / "joined" / "summary.json").read_text())
+    assert summary["rows"] == 8 and summary["errors"] == 0
+    assert summary["num_gpus_per_actor"] == 1.0
