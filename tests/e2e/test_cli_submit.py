@@ -41,8 +41,9 @@ def write_job(path: Path, **fields) -> Path:
 def test_a_detect_job_runs_on_the_cluster_and_writes_its_table(ray_head, scenes, tiny_model, tmp_path):
     job = write_job(tmp_path / "detect-job.yaml", input=[str(scenes)], output=str(tmp_path / "out"),
                     model=tiny_model, threshold=0.0)
-    proc = submit(str(job), "run_id=on-cluster", "--address", ray_head.dashboard_url, "--follow", "--timeout", "240",
-                  "--env", "PLATESCOPE_EXAMPLE=1", token=ray_head.token, home=tmp_path)
+    # an override after the options, as the README writes it
+    proc = submit(str(job), "--address", ray_head.dashboard_url, "--follow", "--timeout", "240",
+                  "--env", "PLATESCOPE_EXAMPLE=1", "run_id=on-cluster", token=ray_head.token, home=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "submitted job platescope-detect-" in proc.stdout and "SUCCEEDED" in proc.stdout
     assert "platescope detect: run on-cluster" in proc.stdout  # the job's own logs, streamed
@@ -108,3 +109,16 @@ def test_dry_run_prints_the_entrypoint_and_runtime_env(tmp_path, tiny_model):
     assert plan["submission_id"] == "nightly-2026-11-21"
     assert plan["runtime_env"]["working_dir"] == {"files": ["nightly.yaml"]}
     assert plan["runtime_env"]["env_vars"]  # from cluster/runtime_env.yaml
+
+
+def test_ship_code_sends_this_package_and_runs_it_as_a_module(tmp_path, tiny_model):
+    import json
+
+    import platescope
+
+    job = write_job(tmp_path / "job.yaml", input=["s3://footage/"], output="s3://detections/", model=tiny_model)
+    proc = submit(str(job), "--dry-run", "--ship-code", token=None, home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["entrypoint"] == "python -m platescope.cli detect --config job.yaml"
+    assert plan["runtime_env"]["py_modules"] == [str(Path(platescope.__file__).parent)]

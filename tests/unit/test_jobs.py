@@ -40,3 +40,16 @@ def test_florence2_lora_job_uses_the_seed_recipe():
     cfg = build_config(TrainConfig, file=str(JOBS_DIR / "florence2-lora.yaml"), overrides=["use_gpu=true"])
     assert cfg.detector == "florence2" and cfg.task_prompt == "<OD>" and cfg.learning_rate == 1e-4
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (64, 128, 0.1)
+
+
+ALL_JOBS = sorted(p for p in JOBS_DIR.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+@pytest.mark.parametrize("job", ALL_JOBS, ids=lambda p: p.name)
+def test_submit_tells_every_job_files_verb_and_it_loads(job):
+    from platescope.config import load_yaml
+    from platescope.submit import verb_of
+
+    verb, config_cls = verb_of(load_yaml(str(job)), str(job))
+    assert verb == ("train" if job.name in TRAIN_JOBS else "detect")
+    build_config(config_cls, file=str(job))
