@@ -47,6 +47,10 @@ def test_detect_end_to_end_prints_and_saves_the_summary(tmp_path, tiny_model, sc
         (["--output", "{file}/out"], "output {file}/out: cannot be written"),
         (["batchsize=3"], "batchsize: unknown field"),
         (["--threshold", "1.5"], "threshold: Input should be less than or equal to 1"),
+        (["--detector", "florence2", "--prompt", "<OD>", "--adapter", "{tmp}/no-adapter"],
+         "adapter {tmp}/no-adapter: no such directory"),
+        (["--detector", "florence2", "--prompt", "<OD>", "--adapter", "{tmp}"],
+         "adapter {tmp}: not a PEFT adapter dir (no adapter_config.json in it)"),
     ],
 )
 def test_a_job_that_cannot_start_fails_at_once_with_one_line(tmp_path, tiny_model, scenes, args, message):

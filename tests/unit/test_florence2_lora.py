@@ -146,3 +146,17 @@ def test_preflight_refuses_a_model_of_the_other_family(tiny_base, tiny_model, tm
         _preflight(TrainConfig(**common, model=tiny_base), None)
     with pytest.raises(TrainPreflightError, match="detector=florence2 needs a Florence-2 model"):
         _preflight(TrainConfig(**common, model=tiny_model, detector="florence2"), None)
+
+
+def test_an_adapter_on_another_base_is_refused_naming_both(tiny_base, scripted_base, tmp_path):
+    from platescope.detectors.hf import hash_weights
+
+    model, processor = recipe.build(config(tiny_base), ID2LABEL, None, None)
+    adapter = tmp_path / "adapter"
+    recipe.save(model, processor, str(adapter))
+    info = recipe.finish_export(str(adapter), config(tiny_base), None)
+    (adapter / "platescope_training.json").write_text(json.dumps(info))
+    Florence2Detector(tiny_base, prompt=PROMPT, adapter=str(adapter), device="cpu")  # its own base: fine
+    with pytest.raises(ValueError, match=f"adapter {adapter}: trained on base {tiny_base} "
+                                         f"\\(weights {hash_weights(tiny_base)}\\), not on model {scripted_base}"):
+        Florence2Detector(scripted_base, prompt=PROMPT, adapter=str(adapter), device="cpu")

@@ -82,6 +82,23 @@ def parse_boxes(tokens: Sequence[str], logprobs: Sequence[float], to_text) -> li
     return boxes
 
 
+def check_adapter_base(adapter: str, adapter_dir: str, model: str, base_hash: str | None) -> None:
+    """An adapter `platescope train` exported records its base's weights hash; on another base it
+    would load without complaint and answer nonsense, so that is an error naming both."""
+    import json
+    import os
+
+    info_path = os.path.join(adapter_dir, "platescope_training.json")
+    if base_hash is None or not os.path.isfile(info_path):
+        return  # a hub base or an adapter trained elsewhere: nothing to compare
+    with open(info_path) as f:
+        trained_on = json.load(f).get("base_model") or {}
+    expected = trained_on.get("weights_sha256_12")
+    if expected and expected != base_hash:
+        raise ValueError(f"adapter {adapter}: trained on base {trained_on.get('model')} (weights {expected}), "
+                         f"not on model {model} (weights {base_hash}); give its base as the model")
+
+
 class Florence2Detector:
     """Florence-2 from a local dir, an s3:// dir or a hub id, with an optional LoRA adapter."""
 
@@ -102,13 +119,15 @@ class Florence2Detector:
         source = local or model
         if local is not None:
             check_weights(local, allow_unsafe_weights)
-        self.model_id = f"{model}@{hash_weights(local)}" if local else model
+        base_hash = hash_weights(local) if local else None
+        self.model_id = f"{model}@{base_hash}" if local else model
         self.processor = AutoProcessor.from_pretrained(source)
         self.model = Florence2ForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
         if adapter:
             from peft import PeftModel
 
             adapter_dir = local_model_dir(adapter, s3, cache_dir) or adapter
+            check_adapter_base(adapter, adapter_dir, model, base_hash)
             self.model = PeftModel.from_pretrained(self.model, adapter_dir)
             self.model_id += f"+{adapter}@{hash_weights(adapter_dir)}"
         self.model.to(self.device).eval()

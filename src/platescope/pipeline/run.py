@@ -47,19 +47,26 @@ class RunResult:
         return self.summary["error_fraction"] > self.summary["max_error_fraction"]
 
 
+def _check_dir(field: str, uri: str, marker: str, what: str, s3: S3Options | None) -> bool:
+    """For an s3:// or existing local `uri`: fail unless `marker` is in it (True: checked)."""
+    if storage.is_s3(uri):
+        try:
+            ok = storage.exists(storage.join(uri, marker), s3)
+        except Exception as e:  # noqa: BLE001
+            raise PreflightError(f"{field} {uri}: cannot be read ({type(e).__name__}: {e})") from None
+        if not ok:
+            raise PreflightError(f"{field} {uri}: no {marker} there (not {what})")
+        return True
+    if os.path.exists(uri):
+        if not os.path.isfile(os.path.join(uri, marker)):
+            raise PreflightError(f"{field} {uri}: not {what} (no {marker} in it)")
+        return True
+    return False
+
+
 def check_model(model: str, s3: S3Options | None, trust_remote_code: bool) -> None:
     """Fail fast on a model that cannot load, without loading its weights."""
-    if storage.is_s3(model):
-        try:
-            ok = storage.exists(storage.join(model, "config.json"), s3)
-        except Exception as e:  # noqa: BLE001
-            raise PreflightError(f"model {model}: cannot be read ({type(e).__name__}: {e})") from None
-        if not ok:
-            raise PreflightError(f"model {model}: no config.json there (not a model dir)")
-        return
-    if os.path.exists(model):
-        if not os.path.isfile(os.path.join(model, "config.json")):
-            raise PreflightError(f"model {model}: not a model dir (no config.json in it)")
+    if _check_dir("model", model, "config.json", "a model dir", s3):
         return
     if model.startswith((".", "/", "~")) or not HUB_ID.match(model):
         raise PreflightError(f"model {model}: no such directory")
@@ -98,6 +105,8 @@ def run_detect(cfg: DetectConfig) -> RunResult:
     s3 = cfg.s3.options()
     # Preflight, cheapest first and writing nothing until inputs are known good: model, inputs, output.
     check_model(cfg.model, s3, cfg.trust_remote_code)
+    if cfg.adapter and not _check_dir("adapter", cfg.adapter, "adapter_config.json", "a PEFT adapter dir", s3):
+        raise PreflightError(f"adapter {cfg.adapter}: no such directory")
     ground_truth = _read_ground_truth(cfg, s3) if cfg.evaluate else None
     run_dir = storage.join(cfg.output, cfg.run_id)
 
