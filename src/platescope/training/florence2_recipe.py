@@ -118,12 +118,13 @@ def finish_export(directory: str, cfg, s3) -> dict[str, Any]:
     `merge`, replace the adapter by base + adapter folded into one full model dir."""
     from peft import PeftModel
 
-    base, processor, source = _base(cfg, s3)
+    source = local_model_dir(cfg.model, s3) or cfg.model  # a cached copy: no second fetch
     identity = {"model": cfg.model, "weights_sha256_12": hash_weights(source) if os.path.isdir(source) else None}
     readme = os.path.join(directory, "README.md")  # PEFT's empty model card
     if os.path.exists(readme):
         os.remove(readme)
-    if cfg.merge:
+    if cfg.merge:  # only merging needs the base's weights in memory
+        base, processor, _ = _base(cfg, s3)
         merged = PeftModel.from_pretrained(base, directory).merge_and_unload()
         for name in (ADAPTER_CONFIG, "adapter_model.safetensors"):
             os.remove(os.path.join(directory, name))
