@@ -70,9 +70,12 @@ def answer(boxes_xywh: np.ndarray, labels: np.ndarray, id2label: dict[int, str],
     order = sorted(range(len(boxes)), key=lambda i: (bins[i][1], bins[i][0]))
     budget = max_tokens - 2  # <s> and </s>
     parts = []
+    label_tokens: dict[str, int] = {}  # a crowded image repeats one label many times
     for i in order:
         name = id2label[int(labels[i])]
-        cost = len(processor.tokenizer.tokenize(name)) + 4
+        if name not in label_tokens:
+            label_tokens[name] = len(processor.tokenizer.tokenize(name))
+        cost = label_tokens[name] + 4
         if cost > budget:
             break
         budget -= cost
