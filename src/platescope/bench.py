@@ -8,6 +8,9 @@ wall time (Ray start-up and model load included) and steady (first result to las
 
 `bench evaluate`: time and peak memory of `platescope evaluate` on a generated table of N rows, in
 a fresh process, optionally beside pycocotools' COCOeval on the same boxes.
+
+`bench incremental`: time and peak memory of what `--incremental` reads before a nightly run starts,
+after R earlier nightly runs of N inputs each under the same output root.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--pycocotools", action="store_true", help="also time pycocotools' COCOeval on the same boxes")
     e.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     e.set_defaults(func=_cmd_bench_evaluate)
+    i = kinds.add_parser("incremental", help="--incremental's look at earlier runs: time and peak memory")
+    i.add_argument("--runs", type=int, default=365, help="earlier nightly runs under the output root")
+    i.add_argument("--inputs", type=int, default=10_000, help="inputs per night (tonight lists as many)")
+    i.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    i.set_defaults(func=_cmd_bench_incremental)
 
 
 def _pick_images(folder: str, n: int, dest: str) -> list[str]:
@@ -163,5 +171,39 @@ def _cmd_bench_evaluate(args: argparse.Namespace) -> int:
         if args.pycocotools:
             seconds, peak = _timed_child(["-c", _PYCOCOTOOLS, str(gt), run, _SIMULATED_ROOT + "/"])
             figures.update({"pycocotools_s": round(seconds, 2), "pycocotools_peak_rss_mib": round(peak)})
+    _report(figures, args.json_out)
+    return 0
+
+
+_FINISHED_INPUTS = """
+import sys
+from platescope.pipeline.history import finished_inputs
+root, n = sys.argv[1], int(sys.argv[2])
+among = {f"s3://footage/night-{sys.argv[3]}/frame-{i:08d}.jpg" for i in range(n)}
+open(sys.argv[4], "w").write(str(len(finished_inputs(root, "tonight", None, among))))
+"""
+
+
+def _cmd_bench_incremental(args: argparse.Namespace) -> int:
+    """Earlier nights each hold N new objects; tonight's listing is last night's N again (a rerun)."""
+    from platescope.sources.manifest import DONE_DIR, MANIFEST_FILE, Manifest
+
+    with tempfile.TemporaryDirectory(prefix="platescope-bench-") as root:
+        for night in range(args.runs):
+            run = os.path.join(root, f"night-{night}")
+            os.makedirs(os.path.join(run, DONE_DIR))
+            uris = (f"s3://footage/night-{night}/frame-{i:08d}.jpg" for i in range(args.inputs))
+            entries = [{"uri": u, "kind": "image", "size": 1, "version": f"etag-{night}", "input_root": "in",
+                        "shard": f"i{i // 64:06d}"} for i, u in enumerate(uris)]
+            with open(os.path.join(run, MANIFEST_FILE), "wb") as f:
+                f.write(Manifest(entries=entries).to_parquet_bytes())
+            with open(os.path.join(run, "summary.json"), "w") as f:
+                json.dump({"complete": True}, f)
+        count = os.path.join(root, "found")
+        seconds, peak = _timed_child(["-c", _FINISHED_INPUTS, root, str(args.inputs), str(args.runs - 1), count])
+        with open(count) as f:
+            found = int(f.read())
+    figures = {"earlier_runs": args.runs, "inputs_per_run": args.inputs, "inputs_seen_before": found,
+               "seconds": round(seconds, 2), "peak_rss_mib": round(peak)}
     _report(figures, args.json_out)
     return 0

@@ -16,10 +16,12 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from platescope import storage
 from platescope.config import DetectConfig
+from platescope.pipeline.history import finished_inputs
 from platescope.pipeline.summary import build_summary, write_summary
 from platescope.sources import manifest as manifest_mod
 from platescope.storage import S3Options
@@ -111,7 +113,7 @@ def run_detect(cfg: DetectConfig) -> RunResult:
     run_dir = storage.join(cfg.output, cfg.run_id)
 
     def create_manifest() -> manifest_mod.Manifest:
-        exclude = manifest_mod.finished_inputs(cfg.output, cfg.run_id, s3) if cfg.incremental else None
+        exclude = partial(finished_inputs, cfg.output, cfg.run_id, s3) if cfg.incremental else None
         listed = manifest_mod.list_inputs(cfg.input, s3=s3, strict=cfg.strict,
                                           num_inputs_per_shard=cfg.num_inputs_per_shard, exclude=exclude)
         check_output(cfg.output, s3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -70,12 +71,13 @@ def list_inputs(
     s3: S3Options | None,
     strict: bool,
     num_inputs_per_shard: int,
-    exclude: set[tuple[str, str]] | None = None,
+    exclude: Callable[[set[str]], set[tuple[str, str]]] | None = None,
 ) -> Manifest:
     """List every input recursively and assign shards.
 
     Raises ValueError naming the input when one cannot be listed or holds no file at all.
-    `exclude` holds (uri, version) pairs an earlier run finished (for --incremental).
+    `exclude`, given the listed URIs, answers the (uri, version) pairs to leave out (for --incremental:
+    those an earlier run finished); asking with this listing keeps its answer as small as the listing.
     """
     manifest = Manifest()
     seen: set[str] = set()
@@ -98,12 +100,13 @@ def list_inputs(
                     manifest.num_skipped += 1
                     continue
                 kind = "unsupported"
-            if exclude and (obj.uri, obj.version) in exclude:
-                continue
             manifest.entries.append(
                 {"uri": obj.uri, "kind": kind, "size": obj.size, "version": obj.version,
                  "input_root": root, "shard": ""}
             )
+    if exclude is not None:
+        finished = exclude({e["uri"] for e in manifest.entries})
+        manifest.entries = [e for e in manifest.entries if (e["uri"], e["version"]) not in finished]
     _assign_shards(manifest.entries, num_inputs_per_shard)
     return manifest
 
@@ -130,8 +133,17 @@ def load_or_create(run_dir: str, create, s3: S3Options | None) -> tuple[Manifest
     return manifest, False
 
 
+def done_shard_ids(run_dir: str, s3: S3Options | None) -> set[str]:
+    """The shards a run has completion markers for, from the listing alone (no marker is read)."""
+    return set(_marker_uris(run_dir, s3))
+
+
 def done_shards(run_dir: str, s3: S3Options | None) -> dict[str, dict]:
     """Completion markers of a run: shard id -> the counts its marker holds."""
+    return {shard: json.loads(storage.read_bytes(uri, s3)) for shard, uri in _marker_uris(run_dir, s3).items()}
+
+
+def _marker_uris(run_dir: str, s3: S3Options | None) -> dict[str, str]:
     uri = storage.join(run_dir, DONE_DIR)
     if not storage.exists(uri, s3):
         return {}
@@ -139,28 +151,5 @@ def done_shards(run_dir: str, s3: S3Options | None) -> dict[str, dict]:
     for obj in storage.list_objects(uri, s3):
         name = obj.uri.rsplit("/", 1)[-1]
         if name.endswith(".json"):
-            out[name[: -len(".json")]] = json.loads(storage.read_bytes(obj.uri, s3))
+            out[name[: -len(".json")]] = obj.uri
     return out
-
-
-def finished_inputs(output_root: str, current_run_id: str, s3: S3Options | None) -> set[tuple[str, str]]:
-    """(uri, version) of every input that an earlier run under `output_root` finished.
-
-    An input counts as seen only once its shard's completion marker exists, so an input of a run that
-    died before reaching it is still picked up by the next incremental run.
-    """
-    fs, root = storage.filesystem(output_root, s3)
-    if not fs.exists(root):
-        return set()
-    seen: set[tuple[str, str]] = set()
-    for path in fs.ls(root, detail=False):
-        run_dir = storage.to_uri(fs, path)
-        if run_dir.rstrip("/").rsplit("/", 1)[-1] == current_run_id:
-            continue
-        manifest_uri = storage.join(run_dir, MANIFEST_FILE)
-        if not storage.exists(manifest_uri, s3):
-            continue
-        done = done_shards(run_dir, s3)
-        manifest = Manifest.from_parquet_bytes(storage.read_bytes(manifest_uri, s3))
-        seen.update((e["uri"], e["version"]) for e in manifest.entries if e["shard"] in done)
-    return seen

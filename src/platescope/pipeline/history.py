@@ -1,0 +1,54 @@
+"""Earlier runs under an output root, as `--incremental` sees them: which inputs they finished."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from platescope import storage
+from platescope.pipeline.summary import SUMMARY_FILE
+from platescope.sources.manifest import MANIFEST_FILE, done_shard_ids
+from platescope.storage import S3Options
+
+
+def finished_inputs(output_root: str, current_run_id: str, s3: S3Options | None,
+                    among: set[str]) -> set[tuple[str, str]]:
+    """(uri, version) of the inputs in `among` that an earlier run under `output_root` finished.
+
+    An input counts as seen only once its shard's completion marker exists, so an input of a run that
+    died before reaching it is still picked up by the next incremental run. A nightly job reads every
+    earlier run here, so each costs a few requests and one manifest in memory at a time: three
+    columns of it, kept only where they meet this listing; a complete run needs no marker listing.
+    """
+    fs, root = storage.filesystem(output_root, s3)
+    if not fs.exists(root) or not among:
+        return set()
+    wanted = pa.array(sorted(among), pa.string())
+    seen: set[tuple[str, str]] = set()
+    for path in fs.ls(root, detail=False):
+        run_dir = storage.to_uri(fs, path)
+        if run_dir.rstrip("/").rsplit("/", 1)[-1] == current_run_id:
+            continue
+        manifest_uri = storage.join(run_dir, MANIFEST_FILE)
+        if not storage.exists(manifest_uri, s3):
+            continue
+        with storage.open_read(manifest_uri, s3) as f:
+            table = pq.read_table(f, columns=["uri", "version", "shard"])
+        table = table.filter(pc.is_in(table["uri"], value_set=wanted))
+        if not _run_complete(run_dir, s3):
+            done = pa.array(sorted(done_shard_ids(run_dir, s3)), pa.string())
+            table = table.filter(pc.is_in(table["shard"], value_set=done))
+        seen.update(zip(table["uri"].to_pylist(), table["version"].to_pylist()))
+    return seen
+
+
+def _run_complete(run_dir: str, s3: S3Options | None) -> bool:
+    """Whether the run's own summary says every shard was done (its last attempt finished)."""
+    uri = storage.join(run_dir, SUMMARY_FILE)
+    try:
+        return bool(json.loads(storage.read_bytes(uri, s3)).get("complete"))
+    except FileNotFoundError:
+        return False
