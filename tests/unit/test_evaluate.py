@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from test_cocoeval import empty_results  # the same stand-in for pycocotools' loadRes([])
 
 from platescope import storage
 from platescope.config import EvaluateConfig
@@ -42,7 +43,7 @@ def pycocotools_on_table(coco: dict, table_dir, root: str, label_map=None) -> CO
     gt.dataset = coco
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev = COCOeval(gt, gt.loadRes(dets) if dets else empty_results(gt), "bbox")
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -55,7 +56,10 @@ def assert_matches_pycocotools(metrics: dict, ev: COCOeval, coco: dict) -> None:
         name = next(c["name"] for c in coco["categories"] if c["id"] == cat)
         p = ev.eval["precision"][:, :, k, 0, -1]
         r = ev.eval["recall"][:, k, 0, -1]
-        assert metrics[f"map_{name}"] == pytest.approx(np.mean(p[p > -1]) if (p > -1).any() else -1, abs=1e-6)
+        ap = np.mean(p[p > -1]) if (p > -1).any() else -1
+        assert metrics["per_class"][name]["map"] == pytest.approx(ap, abs=1e-6)
+        if f"map_{name}" not in COCO_METRIC_NAMES:  # a class named "small" must not shadow map_small
+            assert metrics[f"map_{name}"] == pytest.approx(ap, abs=1e-6)
         assert metrics[f"mar_100_{name}"] == pytest.approx(np.mean(r[r > -1]) if (r > -1).any() else -1, abs=1e-6)
 
 
@@ -80,6 +84,51 @@ def test_metrics_equal_pycocotools_on_a_table_in_several_parts(dataset):
     assert counts["rows_without_ground_truth"] == 1
     assert result.metrics["rows_without_ground_truth_examples"] == ["/data/footage/unlabelled/extra.jpg"]
     assert counts["boxes"] == len(coco["annotations"])
+
+
+def test_classes_named_like_coco_sizes_leave_the_twelve_numbers_alone(tmp_path):
+    coco = synthetic_coco(60, seed=21, categories=("small", "50", "licence_plate"))
+    gt = write_coco(coco, tmp_path / "gt.json")
+    write_detections(simulate_rows(coco, root="/data", seed=22), tmp_path / "run")
+    metrics = run_evaluate(EvaluateConfig(detections=str(tmp_path / "run"), ground_truth=str(gt))).metrics
+    assert_matches_pycocotools(metrics, pycocotools_on_table(coco, tmp_path / "run", "/data"), coco)
+    assert "map_licence_plate" in metrics and "mar_100_small" in metrics
+
+
+def test_a_table_without_a_single_box_equals_pycocotools(tmp_path):
+    coco = synthetic_coco(20, seed=23, categories=("licence_plate",))
+    gt = write_coco(coco, tmp_path / "gt.json")
+    rows = [{**r, "boxes": [], "scores": [], "label_ids": [], "labels": []}
+            for r in simulate_rows(coco, root="/data", seed=24)]
+    write_detections(rows, tmp_path / "run")
+    metrics = run_evaluate(EvaluateConfig(detections=str(tmp_path / "run"), ground_truth=str(gt))).metrics
+    assert_matches_pycocotools(metrics, pycocotools_on_table(coco, tmp_path / "run", "/data"), coco)
+    assert metrics["counts"]["detections"] == 0 and metrics["recall"] == 0.0
+
+
+def test_the_table_streams_in_batches_and_is_never_read_whole(dataset, monkeypatch):
+    _, gt, run = dataset
+    expected = run_evaluate(EvaluateConfig(detections=str(run), ground_truth=str(gt))).metrics
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole table was read")
+
+    seen = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def counted(self, *args, **kwargs):
+        for batch in iter_batches(self, *args, **kwargs):
+            seen.append(batch.num_rows)
+            yield batch
+
+    for name in ("read", "read_row_group", "read_row_groups"):
+        monkeypatch.setattr(pq.ParquetFile, name, whole)
+    monkeypatch.setattr(pq, "read_table", whole)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    monkeypatch.setattr("platescope.evaluation.detections.BATCH_ROWS", 16)
+    streamed = run_evaluate(EvaluateConfig(detections=str(run), ground_truth=str(gt))).metrics
+    assert max(seen) <= 16 and sum(seen) >= 2 * 296  # a labels pass and a boxes pass, 16 rows at a time
+    assert {k: streamed[k] for k in COCO_METRIC_NAMES} == {k: expected[k] for k in COCO_METRIC_NAMES}
 
 
 def test_precision_recall_f1_at_the_threshold_count_boxes_at_iou_half(dataset):
@@ -110,6 +159,9 @@ def test_curves_cover_every_class_and_all(dataset):
     curve = result.threshold_curves["all"]
     assert curve.recall == sorted(curve.recall, reverse=True)  # a higher threshold never finds more
     assert curve.recall[50] == pytest.approx(result.metrics["recall"])
+    # At score 1.0 nothing is kept (simulated scores are below 1): precision is undefined there, not 0.
+    assert np.isnan(curve.precision[-1]) and curve.recall[-1] == 0.0
+    assert not np.isnan(curve.precision[0]) and all(0.0 <= p <= 1.0 for p in curve.precision if not np.isnan(p))
 
 
 def test_label_mismatch_lists_both_sets_and_a_mapping_resolves_it(tmp_path):

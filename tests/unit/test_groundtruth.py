@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -396,3 +397,29 @@ def test_reads_coco_and_yolo_from_s3(s3_server, s3_bucket, monkeypatch, coco, tm
     assert from_yolo.num_boxes == local.num_boxes
     with pytest.raises(GroundTruthError, match="not found"):
         read_ground_truth(f"{s3_bucket}/nope", s3=opts)
+
+
+def test_storage_failures_are_one_line_naming_the_labels(s3_server, s3_bucket, monkeypatch, coco):
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    good = storage.S3Options(endpoint_url=s3_server.endpoint_url, region=s3_server.region,
+                             access_key_id=s3_server.access_key_id,
+                             secret_access_key=s3_server.secret_access_key)
+    uri = f"{s3_bucket}/gt/annotations.json"
+    storage.write_bytes_atomic(uri, coco[0].read_bytes(), good)
+    wrong_secret = dataclasses.replace(good, secret_access_key="not-the-secret")
+    with pytest.raises(GroundTruthError) as err:
+        read_ground_truth(uri, s3=wrong_secret)
+    message = str(err.value)
+    assert message.startswith(f"ground truth {uri}: cannot be read (") and "\n" not in message
+    assert "not-the-secret" not in message
+
+
+def test_a_file_the_os_refuses_is_a_ground_truth_error(monkeypatch, coco):
+    def refuse(uri, s3=None):
+        raise PermissionError(13, "Permission denied", uri)
+
+    monkeypatch.setattr(storage, "read_bytes", refuse)
+    with pytest.raises(GroundTruthError, match=r"annotations\.json: cannot be read \(PermissionError: .*denied"):
+        read_ground_truth(str(coco[0]))

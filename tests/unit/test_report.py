@@ -348,3 +348,34 @@ def test_report_renders_in_a_real_browser(result: EvaluationResult, tmp_path: Pa
     # The gallery's photos decoded and show: their background colour is nowhere else on the page.
     background = sum(n for n, c in colours if _near(c, (90, 100, 120), tolerance=6))
     assert background > 3 * 320 * 240 // 3, background
+
+
+def test_an_evaluated_dataset_report_renders_with_its_curves_and_photos(tmp_path: Path) -> None:
+    """The report evaluate writes for real images and a table, not a hand-built result."""
+    from platescope import samples
+    from platescope.config import EvaluateConfig
+    from platescope.evaluation.run import evaluate_and_report
+    from platescope.evaluation.simulate import simulate_rows, write_detections
+
+    browser = find_browser()
+    labels = samples.write_image_dataset(tmp_path / "images", 10, seed=9, size=(320, 240))
+    coco = json.loads(labels.read_text())
+    write_detections(simulate_rows(coco, root=str(tmp_path / "images"), seed=3, miss_rate=0.3), tmp_path / "run")
+    _, written = evaluate_and_report(EvaluateConfig(
+        detections=str(tmp_path / "run"), ground_truth=str(labels), output=str(tmp_path / "report"),
+        num_worst_images=4))
+    url = Path(written["report.html"]).resolve().as_uri()
+
+    dom = _parse(_chromium(browser, tmp_path, "--dump-dom", url).stdout.decode("utf-8"))
+    assert dom.rows["coco-table"] == 12 and dom.rows["per-class-table"] == 1
+    assert len(dom.images["pr-curves"]) == 1 and len(dom.images["threshold-curves"]) == 1
+    assert len(dom.images["gallery"]) == 4
+
+    shot = tmp_path / "shot.png"
+    _chromium(browser, tmp_path, f"--screenshot={shot}", "--window-size=1280,4000", url)
+    colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 24)
+    counts = {name: sum(n for n, c in colours if _near(c, rgb, tolerance=30)) for name, rgb in {
+        "precision line": (31, 95, 191), "recall line": (224, 123, 0),
+        "ground truth": plots.GT_COLOUR, "predictions": plots.PRED_COLOUR}.items()}
+    # Lines two pixels wide over a plot's width: hundreds of pixels each, where a missing plot gives 0.
+    assert all(n > 300 for n in counts.values()), counts

@@ -65,7 +65,22 @@ _Labels = tuple[dict[int, str], list[GroundTruthImage]]  # what each format's re
 
 
 def read_ground_truth(uri: str, *, format: str = "auto", s3: S3Options | None = None) -> GroundTruth:
-    """Labels at `uri`: a COCO .json file, a folder of YOLO .txt labels, or VOC .xml (file or folder)."""
+    """Labels at `uri`: a COCO .json file, a folder of YOLO .txt labels, or VOC .xml (file or folder).
+
+    Any failure is a GroundTruthError of one line naming `uri`: what the readers find wrong in the
+    labels says so itself; storage failures (credentials, an unreachable endpoint, permissions) say
+    which exception it was.
+    """
+    try:
+        return _read(uri, format, s3)
+    except GroundTruthError:
+        raise
+    except Exception as e:  # fsspec, botocore and the OS raise many kinds
+        raise GroundTruthError(f"ground truth {uri}: cannot be read ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())})") from e
+
+
+def _read(uri: str, format: str, s3: S3Options | None) -> GroundTruth:
     if format != "auto" and format not in FORMATS:
         raise GroundTruthError(f"ground truth {uri}: unknown format {format!r} (auto, coco, yolo or voc)")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -31,10 +32,15 @@ def _prf(tp: int, fp: int, num_gt: int) -> tuple[float, float, float]:
 
 
 def coco_metrics(tables: CocoTables, names: dict[int, str]) -> dict[str, Any]:
-    """The twelve numbers under torchmetrics' names, then map_<class> and mar_100_<class>."""
+    """The twelve numbers under torchmetrics' names, then map_<class> and mar_100_<class>.
+
+    A class named like one of the twelve's suffixes ("small", "50", ...) would overwrite that number
+    with its own AP: its map_<class> is left out, and its AP is in per_class like every class's.
+    """
     out: dict[str, Any] = dict(zip(COCO_METRIC_NAMES, tables.stats()))
     for k, cat in enumerate(tables.category_ids):
-        out[f"map_{names[cat]}"] = _mean_defined(tables.precision[:, :, k, 0, _LAST_M])
+        if f"map_{names[cat]}" not in COCO_METRIC_NAMES:
+            out[f"map_{names[cat]}"] = _mean_defined(tables.precision[:, :, k, 0, _LAST_M])
         out[f"mar_100_{names[cat]}"] = _mean_defined(tables.recall[:, k, 0, _LAST_M])
     return out
 
@@ -88,6 +94,9 @@ def threshold_curves(evaluator: StreamingCocoEval, names: dict[int, str]) -> dic
     for name, cats in groups.items():
         tp, fp, num_gt = evaluator.counts_at_thresholds(cats, CURVE_THRESHOLDS)
         prf = [_prf(int(a), int(b), num_gt) for a, b in zip(tp, fp)]
-        curves[name] = ThresholdCurve(CURVE_THRESHOLDS.tolist(), [x[0] for x in prf], [x[1] for x in prf],
+        # Where no box is kept precision is undefined, not 0: NaN leaves a gap in the plot where 0
+        # would draw a cliff the model does not have.
+        precision = [x[0] if a + b else math.nan for x, a, b in zip(prf, tp, fp)]
+        curves[name] = ThresholdCurve(CURVE_THRESHOLDS.tolist(), precision, [x[1] for x in prf],
                                       [x[2] for x in prf])
     return curves
