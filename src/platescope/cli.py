@@ -46,6 +46,11 @@ def _label_map(pairs: list[str] | None) -> dict[str, str] | None:
     return out
 
 
+def _add_label_map(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--label-map", dest="label_map", action="append", metavar="LABEL=CATEGORY",
+                   help="detector label to ground-truth category; repeat for more; LABEL= leaves it out")
+
+
 def _add_detect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("detect", help="detect objects in images and videos into Parquet",
                        description="Stream images and video frames through a detector into Parquet.")
@@ -77,6 +82,7 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
                    help="no progress bar")
     p.add_argument("--ground-truth", dest="ground_truth",
                    help="labels to evaluate the run against when it ends (report in <run>/evaluation/)")
+    _add_label_map(p)
     p.set_defaults(func=_cmd_detect)
 
 
@@ -92,8 +98,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="ground-truth format (default: from the file names)")
     p.add_argument("--input-root", dest="input_root", nargs="+",
                    help="roots the detections' URIs are relative to (default: the run's inputs)")
-    p.add_argument("--label-map", dest="label_map", action="append", metavar="LABEL=CATEGORY",
-                   help="detector label to ground-truth category; repeat for more; LABEL= leaves it out")
+    _add_label_map(p)
     p.add_argument("--score-threshold", dest="score_threshold", type=float,
                    help="score for precision, recall, F1 and the gallery (default 0.5)")
     p.add_argument("--num-worst-images", dest="num_worst_images", type=int, help="gallery size (default 12)")
@@ -127,6 +132,9 @@ def detect_config_from_args(args: argparse.Namespace):
             values[field] = flag != "no_progress"
     if args.ground_truth is not None:
         values["evaluate.ground_truth"] = args.ground_truth
+    label_map = _label_map(args.label_map)
+    if label_map is not None:
+        values["evaluate.label_map"] = label_map
     return build_config(DetectConfig, file=args.config, values=values, overrides=args.overrides)
 
 

@@ -108,3 +108,24 @@ def test_detect_with_unreadable_ground_truth_fails_before_any_work(tmp_path, tin
                    "--run-id", "x", "--ground-truth", str(tmp_path / "bad.json"))
     assert proc.returncode == 2 and "bad.json" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_detect_refuses_labels_its_model_cannot_name_before_any_work_unless_mapped(tmp_path, tiny_model):
+    images = tmp_path / "images"
+    labels = samples.write_image_dataset(str(images), 4, seed=6, size=(320, 240))
+    data = json.loads(labels.read_text())
+    data["categories"] = [{**c, "name": "license-plate"} for c in data["categories"]]
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps(data))
+    labels.unlink()
+    common = ["detect", "--input", str(images), "--output", str(tmp_path / "out"), "--model", tiny_model,
+              "--threshold", "0.0", "--ground-truth", str(renamed)]
+    proc = run_cli(*common, "--run-id", "unmapped")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("platescope detect: error: model ") and "['licence_plate']" in line
+    assert "['license-plate']" in line and not (tmp_path / "out").exists()
+    proc = run_cli(*common, "--run-id", "mapped", "--label-map", "licence_plate=license-plate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "mapped" / "evaluation" / "metrics.json").read_text())
+    assert metrics["label_map"] == {"licence_plate": "license-plate"} and metrics["counts"]["detections"] > 0

@@ -158,13 +158,38 @@ def run_detect(cfg: DetectConfig) -> RunResult:
 
 
 def _read_ground_truth(cfg: DetectConfig, s3: S3Options):
-    """Labels are read before any work, so a bad labels file fails the run at once."""
+    """Labels are read before any work, so a bad labels file fails the run at once, and so does a
+    model none of whose labels can be scored against them (which evaluate would refuse at the end)."""
     from platescope.evaluation.groundtruth import GroundTruthError, read_ground_truth
+    from platescope.evaluation.run import LabelMismatchError, check_labels
 
     try:
-        return read_ground_truth(cfg.evaluate.ground_truth, format=cfg.evaluate.ground_truth_format, s3=s3)
+        ground_truth = read_ground_truth(cfg.evaluate.ground_truth, format=cfg.evaluate.ground_truth_format, s3=s3)
     except GroundTruthError as e:
         raise PreflightError(str(e)) from None
+    labels = _model_labels(cfg, s3)
+    categories = set(ground_truth.categories.values())
+    label_map = cfg.evaluate.label_map
+    try:
+        check_labels(labels or set(), categories, label_map)
+    except LabelMismatchError as e:
+        if not {label_map.get(label, label) for label in labels or ()} & categories:
+            raise PreflightError(f"model {cfg.model}: {e}") from None
+        # Some labels fit: the run goes on, and fails its evaluation only if it finds one that does not.
+        log.warning("model %s: %s", cfg.model, e)
+    return ground_truth
+
+
+def _model_labels(cfg: DetectConfig, s3: S3Options) -> set[str] | None:
+    """What a detector model can name (its config's id2label); None where that is not known up front:
+    Florence-2 names what its answer says, and a hub id's config is only fetched when it loads."""
+    if cfg.detector != "hf":
+        return None
+    try:
+        config = json.loads(storage.read_bytes(storage.join(cfg.model, "config.json"), s3))
+    except (OSError, ValueError):
+        return None
+    return {str(name) for name in (config.get("id2label") or {}).values()} or None
 
 
 def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict]) -> dict[str, Any]:
