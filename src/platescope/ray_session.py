@@ -19,6 +19,9 @@ def start_ray(address: str | None, *, num_cpus: int | None = None, dashboard: bo
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         os.environ.setdefault(LOCAL_ONLY_ENV, "0")
+        # A new local Ray turns token authentication on by itself, and warns that it did; saying so
+        # explicitly keeps the same protection (a token is made if none exists) without the warning.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     # Ray Data's per-execution INFO lines (plans, log paths) drown the job's own output; warnings stay.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     import ray
