@@ -369,7 +369,7 @@ def test_missing_unknown_and_mismatched_formats(tmp_path, coco):
 # -- S3 -------------------------------------------------------------------------------------------
 
 
-def test_reads_coco_and_yolo_from_s3(s3_server, s3_bucket, monkeypatch, coco, tmp_path):
+def test_reads_coco_yolo_and_voc_from_s3(s3_server, s3_bucket, monkeypatch, coco, tmp_path):
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)  # so only the options passed can reach the server
@@ -377,14 +377,17 @@ def test_reads_coco_and_yolo_from_s3(s3_server, s3_bucket, monkeypatch, coco, tm
                              access_key_id=s3_server.access_key_id,
                              secret_access_key=s3_server.secret_access_key)
     yolo = write_yolo(coco, tmp_path / "yolo", sub="train")
-    for path in yolo.rglob("*"):
-        if path.is_file():
-            storage.write_bytes_atomic(f"{s3_bucket}/ds 1/{path.relative_to(yolo).as_posix()}",
-                                       path.read_bytes(), opts)
+    voc = write_voc(coco, tmp_path / "voc")
+    for folder, prefix in ((yolo, "ds 1"), (voc, "voc #2")):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                storage.write_bytes_atomic(f"{s3_bucket}/{prefix}/{path.relative_to(folder).as_posix()}",
+                                           path.read_bytes(), opts)
     storage.write_bytes_atomic(f"{s3_bucket}/gt/annotations.json", coco[0].read_bytes(), opts)
 
     from_coco = read_ground_truth(f"{s3_bucket}/gt/annotations.json", s3=opts)
     from_yolo = read_ground_truth(f"{s3_bucket}/ds 1/labels", s3=opts)
+    from_voc = read_ground_truth(f"{s3_bucket}/voc #2", s3=opts)
     local = read_ground_truth(str(coco[0]))
 
     assert from_coco.uri == f"{s3_bucket}/gt/annotations.json" and from_coco.format == "coco"
@@ -395,6 +398,8 @@ def test_reads_coco_and_yolo_from_s3(s3_server, s3_bucket, monkeypatch, coco, tm
     assert [(i.key, i.width, i.height) for i in from_yolo.images] == [
         (f"train/scene_{n:05d}.jpg", *SIZE) for n in range(1, 5)]
     assert from_yolo.num_boxes == local.num_boxes
+    assert from_voc.format == "voc" and _named_boxes(from_voc).keys() == _named_boxes(local).keys()
+    assert from_voc.num_boxes == local.num_boxes
     with pytest.raises(GroundTruthError, match="not found"):
         read_ground_truth(f"{s3_bucket}/nope", s3=opts)
 
