@@ -25,23 +25,28 @@ def reference(case: dict, cats: list[int]) -> COCOeval:
                          "iscrowd": int(crowd), "area": box[2] * box[3] if area is None else area})
         dets += [{"image_id": image_id, "category_id": cat, "bbox": list(box), "score": float(score)}
                  for cat, box, score in dt]
-    coco = COCO()
-    coco.dataset = {"images": images, "annotations": anns, "categories": [{"id": c, "name": f"c{c}"} for c in cats]}
+    categories = [{"id": c, "name": f"c{c}"} for c in cats]
+    return pycocotools_eval({"images": images, "annotations": anns, "categories": categories}, dets)
+
+
+def pycocotools_eval(dataset: dict, dets: list[dict]) -> COCOeval:
+    """COCOeval run and summarised as pycocotools users do; no detections is an empty result set
+    (loadRes([]) fails in pycocotools, so it is built as loadRes would have built it)."""
+    gt = COCO()
+    gt.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(dets) if dets else empty_results(coco), "bbox")
+        gt.createIndex()
+        if dets:
+            res = gt.loadRes(dets)
+        else:
+            res = COCO()
+            res.dataset = {"images": dataset["images"], "categories": dataset["categories"], "annotations": []}
+            res.createIndex()
+        ev = COCOeval(gt, res, "bbox")
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     return ev
-
-
-def empty_results(gt: COCO) -> COCO:
-    """An empty result set: loadRes([]) fails in pycocotools, so build what it would have built."""
-    res = COCO()
-    res.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
-    res.createIndex()
-    return res
 
 
 def streamed(case: dict, cats: list[int]):

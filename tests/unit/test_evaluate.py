@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from test_cocoeval import empty_results  # the same stand-in for pycocotools' loadRes([])
+from test_cocoeval import pycocotools_eval
 
 from platescope import storage
 from platescope.config import EvaluateConfig
@@ -39,15 +36,7 @@ def pycocotools_on_table(coco: dict, table_dir, root: str, label_map=None) -> CO
                 x0, y0, x1, y1 = (float(v) for v in box)
                 dets.append({"image_id": by_uri[row["source_uri"]], "category_id": by_name[label],
                              "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
-    gt = COCO()
-    gt.dataset = coco
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(dets) if dets else empty_results(gt), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev
+    return pycocotools_eval(coco, dets)
 
 
 def assert_matches_pycocotools(metrics: dict, ev: COCOeval, coco: dict) -> None:
