@@ -9,6 +9,11 @@ wall time (Ray start-up and model load included) and steady (first result to las
 `bench evaluate`: time and peak memory of `platescope evaluate` on a generated table of N rows, in
 a fresh process, optionally beside pycocotools' COCOeval on the same boxes.
 
+`bench video`: how much of a long video waits between decoding and the detector. One generated
+  video, every frame sampled, through the whole `detect` job; the object store is sampled while it
+  runs. If waiting frames grew with the video's length this peak would too; it stays at Ray Data's
+  backpressure budget however long the video.
+
 `bench incremental`: time and peak memory of what `--incremental` reads before a nightly run starts,
 after R earlier nightly runs of N inputs each under the same output root.
 """
@@ -16,6 +21,7 @@ after R earlier nightly runs of N inputs each under the same output root.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -42,6 +48,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--pycocotools", action="store_true", help="also time pycocotools' COCOeval on the same boxes")
     e.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     e.set_defaults(func=_cmd_bench_evaluate)
+    v = kinds.add_parser("video", help="frames waiting between decode and detector, for one long video")
+    v.add_argument("--frames", type=int, default=1200, help="frames in the generated video (all sampled)")
+    v.add_argument("--size", default="1920x1080", help="frame size WIDTHxHEIGHT")
+    v.add_argument("--model", help="model dir (default: the default model)")
+    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    v.set_defaults(func=_cmd_bench_video)
     i = kinds.add_parser("incremental", help="--incremental's look at earlier runs: time and peak memory")
     i.add_argument("--runs", type=int, default=365, help="earlier nightly runs under the output root")
     i.add_argument("--inputs", type=int, default=10_000, help="inputs per night (tonight lists as many)")
@@ -205,5 +218,60 @@ def _cmd_bench_incremental(args: argparse.Namespace) -> int:
             found = int(f.read())
     figures = {"earlier_runs": args.runs, "inputs_per_run": args.inputs, "inputs_seen_before": found,
                "seconds": round(seconds, 2), "peak_rss_mib": round(peak)}
+    _report(figures, args.json_out)
+    return 0
+
+
+def _object_store_mib() -> float | None:
+    """MiB in this Ray's object store now (Ray's own memory summary; None before Ray is up)."""
+    import re
+
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray._private.internal_api import memory_summary  # what `ray memory --stats-only` prints
+
+    found = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+    return float(found.group(1)) if found else None
+
+
+def _cmd_bench_video(args: argparse.Namespace) -> int:
+    import resource
+    import threading
+
+    from platescope import samples
+    from platescope.config import DetectConfig
+    from platescope.pipeline.run import run_detect
+
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    with tempfile.TemporaryDirectory(prefix="platescope-bench-") as tmp:
+        fps = 30
+        samples.write_video(os.path.join(tmp, "in", "long.mp4"), num_frames=args.frames, fps=fps,
+                            size=(width, height))
+        values = {"input": [os.path.join(tmp, "in")], "output": os.path.join(tmp, "out"), "run_id": "bench",
+                  "video_fps": fps, "batch_size": args.batch_size, "progress": False, "device": "cpu"}
+        cfg = DetectConfig(**values, **({"model": args.model} if args.model else {}))
+        peak: list[float] = [0.0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.5):
+                with contextlib.suppress(Exception):  # Ray starting or stopping under us: next sample
+                    peak[0] = max(peak[0], _object_store_mib() or 0.0)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            summary = run_detect(cfg).summary
+        finally:
+            done.set()
+            sampler.join()
+    frame_mib = width * height * 3 / 2**20
+    figures = {"frames": summary["frames"], "frame_size": f"{width}x{height}", "frame_mib": round(frame_mib, 2),
+               "detect_s": summary["wall_time_s"], "frames_per_s": summary["rows_per_s"],
+               "object_store_peak_mib": round(peak[0]), "frames_waiting_at_peak": round(peak[0] / frame_mib),
+               "video_if_held_whole_mib": round(summary["frames"] * frame_mib),
+               "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     _report(figures, args.json_out)
     return 0

@@ -1,0 +1,45 @@
+"""`platescope bench`: each benchmark runs through the CLI on small sizes and reports figures that
+hang together. Its timings are what it is for, and are never asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+CLI = [sys.executable, "-m", "platescope", "bench"]
+
+
+def bench(tmp_path, *args: str) -> dict:
+    out = tmp_path / "figures.json"
+    proc = subprocess.run([*CLI, *args, "--json", str(out)], check=False, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert all(f"{key} " in proc.stdout for key in figures)  # printed as well as written
+    return figures
+
+
+def test_bench_detect_measures_both_sides_on_the_same_images(tmp_path, scenes):
+    f = bench(tmp_path, "detect", "--images", str(scenes), "--preset", "yolos-tiny-test", "--num-images", "6",
+              "--batch-size", "3")
+    assert f["images"] == 6 and f["errors"] == 0
+    assert f["detector_images_per_s"] > 0 and f["detect_images_per_s_total"] > 0
+    assert f["ratio_total"] == round(f["detect_images_per_s_total"] / f["detector_images_per_s"], 3)
+
+
+def test_bench_evaluate_scores_the_generated_table_beside_pycocotools(tmp_path):
+    f = bench(tmp_path, "evaluate", "--rows", "300", "--pycocotools")
+    assert f["rows"] == 300 and f["boxes"] > 0 and f["detections"] > 0 and 0.0 < f["map"] < 1.0
+    assert f["evaluate_peak_rss_mib"] > 0 and f["pycocotools_peak_rss_mib"] > 0
+
+
+def test_bench_incremental_finds_exactly_last_nights_inputs(tmp_path):
+    f = bench(tmp_path, "incremental", "--runs", "5", "--inputs", "300")
+    assert f["inputs_seen_before"] == 300 and f["peak_rss_mib"] > 0
+
+
+def test_bench_video_samples_every_frame_and_sees_frames_waiting(tmp_path, tiny_model):
+    f = bench(tmp_path, "video", "--frames", "120", "--size", "320x240", "--model", tiny_model)
+    assert f["frames"] == 120 and f["frame_size"] == "320x240"
+    assert 0 < f["object_store_peak_mib"] and f["video_if_held_whole_mib"] == round(120 * 320 * 240 * 3 / 2**20)
