@@ -199,6 +199,7 @@ open(sys.argv[4], "w").write(str(len(finished_inputs(root, "tonight", None, amon
 
 def _cmd_bench_incremental(args: argparse.Namespace) -> int:
     """Earlier nights each hold N new objects; tonight's listing is last night's N again (a rerun)."""
+    from platescope.pipeline.summary import SUMMARY_FILE
     from platescope.sources.manifest import DONE_DIR, MANIFEST_FILE, Manifest
 
     with tempfile.TemporaryDirectory(prefix="platescope-bench-") as root:
@@ -210,7 +211,7 @@ def _cmd_bench_incremental(args: argparse.Namespace) -> int:
                         "shard": f"i{i // 64:06d}"} for i, u in enumerate(uris)]
             with open(os.path.join(run, MANIFEST_FILE), "wb") as f:
                 f.write(Manifest(entries=entries).to_parquet_bytes())
-            with open(os.path.join(run, "summary.json"), "w") as f:
+            with open(os.path.join(run, SUMMARY_FILE), "w") as f:
                 json.dump({"complete": True}, f)
         count = os.path.join(root, "found")
         seconds, peak = _timed_child(["-c", _FINISHED_INPUTS, root, str(args.inputs), str(args.runs - 1), count])
