@@ -32,11 +32,11 @@ def finished_inputs(output_root: str, current_run_id: str, s3: S3Options | None,
         run_dir = storage.to_uri(fs, path)
         if run_dir.rstrip("/").rsplit("/", 1)[-1] == current_run_id:
             continue
-        manifest_uri = storage.join(run_dir, MANIFEST_FILE)
-        if not storage.exists(manifest_uri, s3):
-            continue
-        with storage.open_read(manifest_uri, s3) as f:
-            table = pq.read_table(f, columns=["uri", "version", "shard"])
+        try:  # one request per earlier run, not an existence check and then the read
+            with storage.open_read(storage.join(run_dir, MANIFEST_FILE), s3) as f:
+                table = pq.read_table(f, columns=["uri", "version", "shard"])
+        except FileNotFoundError:
+            continue  # not a run folder, or a run that died before listing
         table = table.filter(pc.is_in(table["uri"], value_set=wanted))
         if not _run_complete(run_dir, s3):
             done = pa.array(sorted(done_shard_ids(run_dir, s3)), pa.string())

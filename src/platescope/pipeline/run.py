@@ -167,29 +167,29 @@ def _read_ground_truth(cfg: DetectConfig, s3: S3Options):
         ground_truth = read_ground_truth(cfg.evaluate.ground_truth, format=cfg.evaluate.ground_truth_format, s3=s3)
     except GroundTruthError as e:
         raise PreflightError(str(e)) from None
-    labels = _model_labels(cfg, s3)
+    labels = _model_labels(cfg, s3)  # empty when not known up front: then only label_map is checked
     categories = set(ground_truth.categories.values())
     label_map = cfg.evaluate.label_map
     try:
-        check_labels(labels or set(), categories, label_map)
+        check_labels(labels, categories, label_map)
     except LabelMismatchError as e:
-        if not {label_map.get(label, label) for label in labels or ()} & categories:
+        if not {label_map.get(label, label) for label in labels} & categories:
             raise PreflightError(f"model {cfg.model}: {e}") from None
         # Some labels fit: the run goes on, and fails its evaluation only if it finds one that does not.
         log.warning("model %s: %s", cfg.model, e)
     return ground_truth
 
 
-def _model_labels(cfg: DetectConfig, s3: S3Options) -> set[str] | None:
-    """What a detector model can name (its config's id2label); None where that is not known up front:
+def _model_labels(cfg: DetectConfig, s3: S3Options) -> set[str]:
+    """What a detector model can name (its config's id2label); empty where that is not known up front:
     Florence-2 names what its answer says, and a hub id's config is only fetched when it loads."""
     if cfg.detector != "hf":
-        return None
+        return set()
     try:
         config = json.loads(storage.read_bytes(storage.join(cfg.model, "config.json"), s3))
     except (OSError, ValueError):
-        return None
-    return {str(name) for name in (config.get("id2label") or {}).values()} or None
+        return set()
+    return {str(name) for name in (config.get("id2label") or {}).values()}
 
 
 def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict]) -> dict[str, Any]:
