@@ -34,6 +34,8 @@ def test_a_complete_run_counts_whole_and_its_markers_are_not_needed(tmp_path):
 def test_answers_only_for_this_listing_and_skips_the_current_run(tmp_path):
     _earlier_run(tmp_path, "night-1", [("a", "1", "i0"), ("old", "1", "i0")], done=["i0"], complete=True)
     _earlier_run(tmp_path, "night-2", [("b", "1", "i0")], done=["i0"], complete=True)
+    (tmp_path / "README.txt").write_text("a stray file beside the runs")
+    (tmp_path / "reports").mkdir()  # and a folder that is no run
     assert finished_inputs(str(tmp_path), "night-2", None, among={"a", "b", "c"}) == {("a", "1")}
     assert finished_inputs(str(tmp_path), "night-3", None, among=set()) == set()
 

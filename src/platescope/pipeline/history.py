@@ -35,8 +35,8 @@ def finished_inputs(output_root: str, current_run_id: str, s3: S3Options | None,
         try:  # one request per earlier run, not an existence check and then the read
             with storage.open_read(storage.join(run_dir, MANIFEST_FILE), s3) as f:
                 table = pq.read_table(f, columns=["uri", "version", "shard"])
-        except FileNotFoundError:
-            continue  # not a run folder, or a run that died before listing
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # a stray file or folder beside the runs, or a run that died before listing
         table = table.filter(pc.is_in(table["uri"], value_set=wanted))
         if not _run_complete(run_dir, s3):
             done = pa.array(sorted(done_shard_ids(run_dir, s3)), pa.string())
