@@ -1,0 +1,174 @@
+"""A model's input geometry, read from its saved image processor config, so CPU tasks can resize images
+to model size exactly as the processor would, and the detector only rescales, normalises and pads.
+
+Why not call the processor in the decode tasks: it needs transformers (and torch) imported in every
+CPU worker, and it returns float32 arrays four times the size of the uint8 image. Here the rules of
+the processor families platescope knows are written out: the output size (fixed, shortest/longest
+edge, max height/width; YOLOS rounds down to a multiple of 16), PIL's resample filter on uint8 RGB
+(which is what transformers' PIL backend does), then rescale, normalise and pad. A processor outside
+those families gives no geometry and the detector runs the processor itself. Tests hold every known
+family to the processor's own pixel values.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+# image_processor_type (as saved, backend suffix removed) -> how it turns a size config into a size.
+_SIZE_RULES = {
+    "DetrImageProcessor": "detr",
+    "ConditionalDetrImageProcessor": "detr",
+    "DeformableDetrImageProcessor": "detr",
+    "RTDetrImageProcessor": "detr",
+    "YolosImageProcessor": "yolos",
+}
+_REQUIRED = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+             "image_std", "do_pad")
+
+
+class InputGeometry(BaseModel):
+    """What the image processor does to an H x W x 3 uint8 RGB image, as plain data (picklable, small)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    processor: str
+    size_rule: Literal["detr", "yolos"]
+    height: int | None = None  # fixed output size
+    width: int | None = None
+    shortest_edge: int | None = None  # aspect kept: shortest edge to this, longest at most longest_edge
+    longest_edge: int | None = None
+    max_height: int | None = None  # aspect kept: as large as fits in max_height x max_width
+    max_width: int | None = None
+    resample: int  # PIL filter number (2: bilinear)
+    rescale_factor: float | None  # None: no rescale
+    image_mean: tuple[float, float, float] | None  # None: no normalisation
+    image_std: tuple[float, float, float] | None
+    do_pad: bool  # pad a batch to its largest image (or pad_size) with zeros, and give a pixel mask
+    pad_height: int | None = None
+    pad_width: int | None = None
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) the processor resizes an image of this size to."""
+        if self.height and self.width:
+            return self.height, self.width
+        if self.max_height and self.max_width:
+            return _fit_max(height, width, self.max_height, self.max_width)
+        assert self.shortest_edge and self.longest_edge
+        return _aspect_size(height, width, self.shortest_edge, self.longest_edge, yolos=self.size_rule == "yolos")
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """The uint8 image at model size, bit for bit what the processor's PIL backend resizes it to."""
+        from PIL import Image
+
+        out_h, out_w = self.output_size(*image.shape[:2])
+        if min(out_h, out_w) < 1:
+            raise ValueError(f"a {image.shape[1]}x{image.shape[0]} image is too small for this model's input")
+        if (out_h, out_w) == image.shape[:2]:
+            return image
+        return np.asarray(Image.fromarray(image).resize((out_w, out_h), resample=self.resample))
+
+
+def _aspect_size(height: int, width: int, size: int, max_size: int, *, yolos: bool) -> tuple[int, int]:
+    """transformers' get_size_with_aspect_ratio (and its YOLOS variant: the landscape/portrait test
+    comes first, and both sides round down to a multiple of 16), written out for CPU tasks."""
+    raw_size = None
+    small, large = float(min(height, width)), float(max(height, width))
+    if large / small * size > max_size:
+        raw_size = max_size * small / large
+        size = int(round(raw_size))
+    scale = raw_size if raw_size is not None else size
+    unchanged = (height <= width and height == size) or (width <= height and width == size)
+    if unchanged and not (yolos and width < height):
+        oh, ow = height, width
+    elif width < height:
+        ow, oh = size, int(scale * height / width)
+    else:
+        oh, ow = size, int(scale * width / height)
+    if yolos:
+        oh, ow = oh - oh % 16, ow - ow % 16
+    return oh, ow
+
+
+def _fit_max(height: int, width: int, max_height: int, max_width: int) -> tuple[int, int]:
+    """transformers' get_image_size_for_max_height_width: the largest size of this aspect that fits."""
+    scale = min(max_height / height, max_width / width)
+    return int(height * scale), int(width * scale)
+
+
+def geometry_from_config(config: dict[str, Any]) -> InputGeometry | None:
+    """The geometry a saved processor config describes, or None when its family or a field is unknown
+    (the detector then runs the processor itself)."""
+    kind = str(config.get("image_processor_type", "")).removesuffix("Pil").removesuffix("Fast")
+    rule = _SIZE_RULES.get(kind)
+    if rule is None or any(k not in config for k in _REQUIRED) or not config["do_resize"]:
+        return None
+    size = config["size"]
+    if isinstance(size, int):  # the old spelling: size plus max_size
+        size = {"shortest_edge": size, "longest_edge": config.get("max_size", 1333)}
+    fields: dict[str, Any] = {}
+    for pair in (("height", "width"), ("shortest_edge", "longest_edge"), ("max_height", "max_width")):
+        if all(size.get(k) for k in pair):
+            fields = {k: int(size[k]) for k in pair}
+            break
+    if not fields:
+        return None
+    pad = config.get("pad_size") or {}
+    return InputGeometry(
+        processor=kind, size_rule=rule, **fields, resample=int(config["resample"]),
+        rescale_factor=float(config["rescale_factor"]) if config["do_rescale"] else None,
+        image_mean=tuple(config["image_mean"]) if config["do_normalize"] else None,
+        image_std=tuple(config["image_std"]) if config["do_normalize"] else None,
+        do_pad=bool(config["do_pad"]), pad_height=pad.get("height"), pad_width=pad.get("width"),
+    )
+
+
+def read_geometry(model_dir: str, s3=None) -> InputGeometry | None:
+    """The geometry of a model dir (local or s3://); None when it has no processor config we know."""
+    from platescope import storage
+
+    try:
+        config = json.loads(storage.read_bytes(storage.join(model_dir, PREPROCESSOR_CONFIG), s3))
+    except (OSError, ValueError):
+        return None
+    return geometry_from_config(config) if isinstance(config, dict) else None
+
+
+def to_pixel_values(images: list[np.ndarray], geometry: InputGeometry, device: Any) -> dict[str, Any]:
+    """Model-size uint8 images -> the processor's output tensors (pixel_values, and pixel_mask when it
+    pads), built on `device`: one host->device copy of uint8, then rescale and normalise there."""
+    import torch
+
+    heights = [im.shape[0] for im in images]
+    widths = [im.shape[1] for im in images]
+    pad_h = geometry.pad_height or max(heights) if geometry.do_pad else max(heights)
+    pad_w = geometry.pad_width or max(widths) if geometry.do_pad else max(widths)
+    if not geometry.do_pad and (min(heights) != pad_h or min(widths) != pad_w):
+        raise ValueError("images of different sizes need a processor that pads")
+    batch = torch.zeros((len(images), pad_h, pad_w, 3), dtype=torch.uint8)
+    mask = torch.zeros((len(images), pad_h, pad_w), dtype=torch.int64)
+    for i, im in enumerate(images):
+        # Arrays from Ray's object store are read-only; torch wants to own writable memory.
+        batch[i, : im.shape[0], : im.shape[1]] = torch.from_numpy(im if im.flags.writeable else im.copy())
+        mask[i, : im.shape[0], : im.shape[1]] = 1
+    if device is not None and torch.device(device).type == "cuda":
+        batch = batch.pin_memory()
+    pixels = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    if geometry.rescale_factor is not None:
+        pixels = pixels * geometry.rescale_factor
+    if geometry.image_mean is not None:
+        mean = torch.tensor(geometry.image_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(geometry.image_std, device=pixels.device).view(1, 3, 1, 1)
+        pixels = (pixels - mean) / std
+    # Padding is zero after normalisation, as the processor pads the normalised image.
+    valid = mask.to(pixels.device).unsqueeze(1).bool()
+    pixels = torch.where(valid, pixels, torch.zeros((), device=pixels.device))
+    out = {"pixel_values": pixels.contiguous()}
+    if geometry.do_pad:
+        out["pixel_mask"] = mask.to(pixels.device)
+    return out
