@@ -11,11 +11,15 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from platescope.sources import InputError
+
+if TYPE_CHECKING:
+    from platescope.detectors.geometry import InputGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +48,48 @@ def decode_image(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
     """
     if not data:
         raise InputError("empty_file", "the file is empty (0 bytes)")
+    image = _open(data, max_pixels=max_pixels)
+    return _decode(image, name=name)
+
+
+def decode_image_for_model(data: bytes, geometry: InputGeometry, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                           draft: bool = True) -> tuple[np.ndarray, int, int]:
+    """(the image at the model's input size, its width, its height), as `decode_image` and then
+    `geometry.resize` would give, but decoding a JPEG at 1/2, 1/4 or 1/8 scale when `draft` is on
+    and the model's input is still no larger than that (the DCT skips the detail the resize would
+    throw away). Width and height are the full image's, after EXIF orientation: boxes are scaled
+    back to them."""
+    if not data:
+        raise InputError("empty_file", "the file is empty (0 bytes)")
+    image = _open(data, max_pixels=max_pixels)
+    width, height = image.size
+    if _orientation(image) in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    out_h, out_w = geometry.output_size(height, width)
+    if min(out_h, out_w) < 1:
+        raise InputError("too_small", f"{image.format} {width}x{height} shrinks to nothing at the model's input size")
+    if draft and image.format == "JPEG":
+        stored = (out_w, out_h) if image.size == (width, height) else (out_h, out_w)
+        image.draft(None, stored)  # the largest reduction that keeps at least `stored`
+    return geometry.resize(_decode(image, name=name)), width, height
+
+
+# EXIF orientations that swap width and height (the transposes and the 90-degree turns).
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a mangled EXIF block: treated as unrotated, as below
+        return 1
+
+
+def _decode(image: Image.Image, *, name: str) -> np.ndarray:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone in this process turned on PIL's global "accept truncated files" switch; then a
         # half-uploaded JPEG would decode to grey padding and be reported as a fine image.
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; platescope needs it False")
-
-    image = _open(data, max_pixels=max_pixels)
     try:
         image.load()
     except MemoryError:
