@@ -32,9 +32,11 @@ _MAX_CONSECUTIVE_FAILURES = 50
 
 @dataclass(eq=False)
 class VideoFrame:
-    """One sampled frame. `frame_index` counts decoded frames from 0, so it is stable whatever fps
-    a run samples at (after damaged packets it counts only what decoded); `timestamp_s` is the
-    presentation time from the stream's start, and stays true across damage."""
+    """One sampled frame. `frame_index` is the frame's number from the start of the stream, derived
+    from its presentation time and the stream's average rate, so it is the same whether the video is
+    decoded whole or in time segments, and stays true across damage; `timestamp_s` is the
+    presentation time from the stream's start. (A variable-rate stream's index is the nearest
+    frame of its average rate.)"""
 
     frame_index: int
     timestamp_s: float
@@ -42,16 +44,21 @@ class VideoFrame:
 
 
 def iter_video_frames(
-    source: VideoSource, *, name: str, fps: float, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: VideoSource, *, name: str, fps: float, max_pixels: int = DEFAULT_MAX_PIXELS,
+    start_s: float | None = None, end_s: float | None = None,
 ) -> Iterator[VideoFrame]:
     """Yield the first frame at or after each k/fps seconds (k = 0, 1, ...), as upright RGB.
 
-    `fps <= 0`, or at least the stream's own rate, yields every frame. Damaged data (a truncated
-    upload, a broken packet) ends in `InputError("corrupt_video")` raised after the last frame
-    that could be decoded: frames already yielded are good and the caller keeps them, and the
-    damage is never a silent gap. `name` is accepted for symmetry with `decode_image`; messages
-    leave it out because the caller prefixes the input's URI. Errors of a file object's own
-    `read` (network, credentials) propagate as they are, for the storage layer to report.
+    `fps <= 0`, or at least the stream's own rate, yields every frame. `start_s` and `end_s` limit
+    it to one time segment: the decoder seeks to the keyframe at or before `start_s` and stops at
+    `end_s`. Segments whose bounds are multiples of 1/fps (`segment_bounds`) split the samples of a
+    whole decode exactly: the sampling rule only compares a frame with the one before it, and a
+    segment's first frame is always a sample. Damaged data (a truncated upload, a broken packet)
+    ends in `InputError("corrupt_video")` raised after the last frame that could be decoded: frames
+    already yielded are good and the caller keeps them, and the damage is never a silent gap. `name`
+    is accepted for symmetry with `decode_image`; messages leave it out because the caller prefixes
+    the input's URI. Errors of a file object's own `read` (network, credentials) propagate as they
+    are, for the storage layer to report.
     """
     if math.isnan(fps):
         raise ValueError("fps must be a number (<= 0 or inf for every frame)")
@@ -63,40 +70,146 @@ def iter_video_frames(
 
         rate = _stream_rate(stream)
         every_frame = fps <= 0 or math.isinf(fps) or (rate is not None and fps >= float(rate))
+        window = _Window(start_s, end_s, None if every_frame else fps)
         start_pts = stream.start_time or 0
-        damage = _Damage()
-        next_k = 0
-        index = -1
-        for frame in _decoded_frames(container, stream, damage):
-            index += 1
-            t = _timestamp(frame, index, start_pts, stream.time_base, rate)
+        damage = _Damage(until_s=end_s)
+        last_sample = window.first_sample - 1
+        num_decoded = 0
+        for t, frame in _frames_from(container, stream, damage, start_s, start_pts, rate):
+            num_decoded += 1
+            where = window.where(t)
+            if where < 0:
+                continue
+            if where > 0:
+                break  # past the segment: nothing after it is ours (damage there is not counted)
             if not every_frame and not math.isnan(t):
-                if t < next_k / fps - _EPS:
+                sample = window.sample_of(t)
+                if sample <= last_sample:
                     continue
-                # Jump past t, not just to k + 1: after a gap in the stream one frame stands in for
-                # every missed sample instead of a burst of the same frame.
-                next_k = math.floor(t * fps + _EPS) + 1
+                # One frame stands in for every sample a gap in the stream skipped, not a burst.
+                last_sample = sample
+            index = round(t * float(rate)) if rate is not None and not math.isnan(t) else num_decoded - 1
             _check_pixels(frame.width, frame.height, max_pixels, index=index)
             yield VideoFrame(frame_index=index, timestamp_s=t, image=_to_rgb(frame))
         if damage.packets:
-            raise InputError("corrupt_video", damage.describe(num_decoded=index + 1))
+            raise InputError("corrupt_video", damage.describe(num_decoded=num_decoded))
+
+
+def segment_bounds(duration_s: float, fps: float, segment_s: float) -> list[tuple[float, float | None]]:
+    """[start, end) time segments of about `segment_s` covering a video of `duration_s`, each bound a
+    multiple of 1/fps so that segments split its samples exactly; the last is open-ended, so frames
+    past a header's duration are never lost. One segment for a short video (or every-frame sampling
+    with fps <= 0, where bounds on whole seconds do the same job)."""
+    step = 1.0 / fps if fps > 0 and not math.isinf(fps) else 1.0
+    samples_per_segment = max(1, round(segment_s / step))
+    num = max(1, math.ceil(duration_s / (samples_per_segment * step) - _EPS))
+    bounds: list[tuple[float, float | None]] = []
+    for i in range(num):
+        start = i * samples_per_segment * step
+        end = (i + 1) * samples_per_segment * step if i < num - 1 else None
+        bounds.append((start, end))
+    return bounds
+
+
+@dataclass
+class _Window:
+    """Which frames a segment owns. With sampling, by sample number floor((t + eps) * fps), the same
+    numbering the sampling rule uses, so no frame can fall between two segments or into both."""
+
+    start_s: float | None
+    end_s: float | None
+    fps: float | None  # None: every frame, bounds compared in seconds
+
+    @property
+    def first_sample(self) -> int:
+        return 0 if self.start_s is None or self.fps is None else round(self.start_s * self.fps)
+
+    def sample_of(self, t: float) -> int:
+        assert self.fps is not None
+        return math.floor((t + _EPS) * self.fps)
+
+    def where(self, t: float) -> int:
+        """-1 before the segment, 0 in it, 1 after it."""
+        if math.isnan(t):
+            return 0
+        if self.fps is not None:
+            sample = self.sample_of(t)
+            if self.start_s is not None and sample < round(self.start_s * self.fps):
+                return -1
+            if self.end_s is not None and sample >= round(self.end_s * self.fps):
+                return 1
+            return 0
+        if self.start_s is not None and t + _EPS < self.start_s:
+            return -1
+        if self.end_s is not None and t + _EPS >= self.end_s:
+            return 1
+        return 0
+
+
+# How far before a segment's start a seek retries when the container landed after it (no keyframe
+# index, as in an mkv without cues or a fragmented mp4); past the last, it decodes from the start.
+_SEEK_MARGINS_S = (0.0, 2.0, 10.0, 60.0)
+
+
+def _frames_from(container: av.container.InputContainer, stream: av.video.stream.VideoStream, damage: _Damage,
+                 start_s: float | None, start_pts: int, rate: Fraction | None) -> Iterator[tuple[float, av.VideoFrame]]:
+    """(presentation time, frame) in order from the keyframe at or before `start_s`.
+
+    A seek is trusted only if its first frame is at or before `start_s`: a container without a
+    keyframe index may land later, which would lose frames silently, so the seek is retried earlier
+    and finally replaced by decoding from the start, which is slow but always right.
+    """
+    time_base = stream.time_base
+
+    def timed(frames: Iterator[av.VideoFrame]) -> Iterator[tuple[float, av.VideoFrame]]:
+        for count, frame in enumerate(frames):
+            yield _timestamp(frame, count, start_pts, time_base, rate), frame
+
+    if not start_s or time_base is None:
+        yield from timed(_decoded_frames(container, stream, damage))
+        return
+    for margin in _SEEK_MARGINS_S:
+        target = start_s - margin
+        if target <= 0:
+            break
+        try:
+            container.seek(start_pts + int(target / time_base), stream=stream, backward=True, any_frame=False)
+        except av.FFmpegError:
+            break
+        stream.codec_context.flush_buffers()
+        frames = timed(_decoded_frames(container, stream, damage))
+        first = next(frames, None)
+        if first is None:
+            return
+        if not math.isnan(first[0]) and first[0] <= start_s + _EPS:
+            yield first
+            yield from frames
+            return
+    container.seek(start_pts, stream=stream, backward=True, any_frame=False)
+    stream.codec_context.flush_buffers()
+    yield from timed(_decoded_frames(container, stream, damage))
 
 
 @dataclass
 class _Damage:
     """What went wrong while decoding, kept so the error can be raised after the good frames."""
 
+    until_s: float | None = None  # a segment's end: damage from there on is the next segment's
     packets: int = 0
     first_at_s: float | None = None
     first_error: str = ""
     gave_up: str = ""
 
     def note(self, packet: av.Packet | None, error: str) -> None:
+        at_s = None
+        if packet is not None and packet.pts is not None and packet.time_base is not None:
+            at_s = float(packet.pts * packet.time_base)
+        if self.until_s is not None and at_s is not None and at_s >= self.until_s:
+            return
         self.packets += 1
         if self.packets == 1:
             self.first_error = error
-            if packet is not None and packet.pts is not None and packet.time_base is not None:
-                self.first_at_s = float(packet.pts * packet.time_base)
+            self.first_at_s = at_s
 
     def describe(self, num_decoded: int) -> str:
         where = f" at {self.first_at_s:.3f}s" if self.first_at_s is not None else ""
