@@ -151,3 +151,13 @@ def test_a_video_damaged_in_the_middle(tmp_path):
     assert outcomes[1][0] == [r for r in sequential if 3 <= r[1] < 6]
     assert outcomes[2][0] == [r for r in sequential if 6 <= r[1] < 9]
     assert len(sequential) < len(good)  # the damage did cost frames
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", ["uk_roundabout.mp4", "vn_traffic_cam.mp4"])
+@pytest.mark.parametrize("fps", [2, 5])
+def test_real_footage_splits_exactly(shared_data_dir, name, fps):
+    path = shared_data_dir / "footage" / name
+    parts, num_segments = segmented(path, fps, 1.0)
+    assert num_segments >= 4
+    assert parts == rows(path, fps)
