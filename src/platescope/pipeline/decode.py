@@ -3,14 +3,22 @@
 Every row carries its shard id and its sequence number in the shard; the shard's last row also carries
 the shard's row count. That is how the sink knows a shard is complete however Ray splits, reorders or
 retries blocks, which a video (whose frame count is unknown until it is decoded) needs.
-A bad input becomes a row with `error` set and a 1x1 placeholder image that the detector skips.
+
+A bad input becomes a row with `error` set and a 1x1 placeholder image that the detector skips. Bad
+means the input or its storage failed (`is_input_failure`): an `InputError` from the decoders, or an
+object that could not be read (OSError, which is what s3fs makes of S3's error answers; botocore's
+and aiohttp's own connection errors). Anything else is a bug or a broken worker (TypeError,
+MemoryError, PIL's LOAD_TRUNCATED_IMAGES switch turned on) and propagates: the Ray task fails and
+the run with it, instead of the bug being written into the table as one error row per input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+import functools
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,8 +29,82 @@ from platescope.storage import S3Options
 PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
 
 # Objects are fetched a few at a time ahead of decoding: object storage latency, not bandwidth,
-# bounds a single sequential reader.
+# bounds a single sequential reader. At most FETCH_WINDOW objects are being fetched or are fetched
+# and not yet decoded, so a shard of large objects is never held in memory whole.
 NUM_FETCH_THREADS = 8
+FETCH_WINDOW = 2 * NUM_FETCH_THREADS
+
+# How an image is fetched: (uri, s3 options) -> its bytes. storage.read_bytes unless a caller says.
+Reader = Callable[[str, "S3Options | None"], bytes]
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@functools.cache
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What reading an object raises when storage, not our code, failed.
+
+    OSError covers local files (FileNotFoundError, PermissionError, IsADirectoryError) and what s3fs
+    makes of S3's error answers (NoSuchKey -> FileNotFoundError, AccessDenied -> PermissionError,
+    any other -> OSError(EIO)) and of timeouts (TimeoutError). A refused or dropped connection, once
+    s3fs's retries are spent, arrives as botocore's own classes (EndpointConnectionError,
+    ConnectionClosedError: BotoCoreError, not OSError), aiohttp's (ClientPayloadError,
+    ServerDisconnectedError) or an http.client / urllib3 IncompleteRead, which s3fs passes on as
+    they are.
+    """
+    import http.client
+
+    errors: list[type[BaseException]] = [OSError, http.client.HTTPException]
+    try:
+        import botocore.exceptions
+        import botocore.parsers
+
+        errors += [botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+                   botocore.parsers.ResponseParserError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        errors.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    try:
+        import urllib3.exceptions
+
+        errors.append(urllib3.exceptions.HTTPError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def is_input_failure(err: BaseException) -> bool:
+    """True for what becomes an error row (a bad input, a failed read); False for a bug, which propagates."""
+    return isinstance(err, InputError) or isinstance(err, _storage_errors())
+
+
+def prefetch(items: Iterable[T], fetch: Callable[[T], R], *, window: int = FETCH_WINDOW,
+             num_threads: int = NUM_FETCH_THREADS) -> Iterator[tuple[T, Future]]:
+    """(item, future of fetch(item)) in the order of `items`, fetched on `num_threads` threads, with at
+    most `window` items submitted and not yet taken by the consumer: the next fetch starts when the
+    consumer comes back for another item. Whatever fetch raises comes out of that item's
+    `future.result()`. Closing the generator cancels what has not started and waits for what has."""
+    if window < 1:
+        raise ValueError(f"window must be at least 1, not {window}")
+    done = object()
+    it = iter(items)
+    with ThreadPoolExecutor(num_threads) as pool:
+        pending: deque[tuple[T, Future]] = deque()
+        try:
+            while True:
+                while len(pending) < window and (item := next(it, done)) is not done:
+                    pending.append((item, pool.submit(fetch, item)))
+                if not pending:
+                    return
+                yield pending.popleft()  # not kept here: once the consumer drops it, it is freed
+        finally:
+            for _, future in pending:
+                future.cancel()
 
 
 def _row(shard: str, uri: str, *, image: np.ndarray | None = None, frame_index: int | None = None,
@@ -48,30 +130,33 @@ def _error_text(uri: str, err: Exception) -> str:
     return f"read_failed: {type(err).__name__}: {err}"
 
 
-def _image_rows(shard: str, entries: list[dict], s3: S3Options | None, max_pixels: int) -> Iterator[dict]:
+def _image_rows(shard: str, entries: list[dict], s3: S3Options | None, max_pixels: int,
+                read: Reader) -> Iterator[dict]:
     from platescope.sources.images import decode_image
 
-    def fetch(uri: str) -> bytes | Exception:
-        try:
-            return storage.read_bytes(uri, s3)
-        except Exception as e:  # noqa: BLE001 - becomes the input's error row
-            return e
+    def fetch(entry: dict) -> bytes | None:
+        if entry["kind"] == "unsupported":
+            return None  # never read: it becomes an error row by its name alone
+        return read(entry["uri"], s3)
 
-    with ThreadPoolExecutor(NUM_FETCH_THREADS) as pool:
-        for entry, data in zip(entries, pool.map(fetch, [e["uri"] for e in entries])):
-            uri = entry["uri"]
-            if entry["kind"] == "unsupported":
-                yield _row(shard, uri, error="unsupported_type: not an image or video extension")
-                continue
-            try:
-                if isinstance(data, Exception):
-                    raise data
-                yield _row(shard, uri, image=decode_image(data, name=uri, max_pixels=max_pixels))
-            except Exception as e:  # noqa: BLE001
-                yield _row(shard, uri, error=_error_text(uri, e))
+    for entry, fetched in prefetch(entries, fetch):
+        uri = entry["uri"]
+        if entry["kind"] == "unsupported":
+            yield _row(shard, uri, error="unsupported_type: not an image or video extension")
+            continue
+        try:
+            image = decode_image(fetched.result(), name=uri, max_pixels=max_pixels)
+        except Exception as e:
+            if not is_input_failure(e):
+                raise  # a bug, not a bad input: the task fails and says so
+            yield _row(shard, uri, error=_error_text(uri, e))
+            continue
+        yield _row(shard, uri, image=image)
 
 
 def _video_rows(shard: str, entry: dict, s3: S3Options | None, fps: float, max_pixels: int) -> Iterator[dict]:
+    import av
+
     from platescope.sources.video import iter_video_frames
 
     uri = entry["uri"]
@@ -82,7 +167,13 @@ def _video_rows(shard: str, entry: dict, s3: S3Options | None, fps: float, max_p
                 emitted += 1
                 yield _row(shard, uri, image=frame.image, frame_index=frame.frame_index,
                            timestamp_s=frame.timestamp_s)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
+        if isinstance(e, av.FFmpegError) and not isinstance(e, OSError):
+            # video.py makes InputErrors of FFmpeg's errors where it expects them; one from elsewhere
+            # (converting a frame's pixel format, say) is still about the file, not our code.
+            e = InputError("corrupt_video", f"{type(e).__name__}: {e}")
+        if not is_input_failure(e):
+            raise
         # Frames before the damage stay; one error row (no frame index) says where it stopped.
         yield _row(shard, uri, error=_error_text(uri, e) + (f" (after {emitted} frames)" if emitted else ""))
         return
@@ -91,17 +182,19 @@ def _video_rows(shard: str, entry: dict, s3: S3Options | None, fps: float, max_p
 
 
 def decode_shard(item: dict[str, Any], *, s3: S3Options | None, video_fps: float,
-                 max_pixels: int) -> Iterator[dict[str, Any]]:
+                 max_pixels: int, read: Reader | None = None) -> Iterator[dict[str, Any]]:
     """Ray Data flat_map: one shard -> its rows, numbered, the last one carrying the count.
 
     Rows are yielded one behind, so the last one can be marked without holding more than two frames.
+    `read(uri, s3) -> bytes` fetches an image (default storage.read_bytes); a failure it raises is an
+    error row only if `is_input_failure` says so.
     """
     shard = item["shard"]
     entries = item["entries"]
     if entries[0]["kind"] == "video":
         rows = _video_rows(shard, entries[0], s3, video_fps, max_pixels)
     else:
-        rows = _image_rows(shard, entries, s3, max_pixels)
+        rows = _image_rows(shard, entries, s3, max_pixels, read or storage.read_bytes)
     previous = None
     seq = 0
     for row in rows:
