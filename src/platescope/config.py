@@ -193,6 +193,9 @@ class TrainConfig(_Strict):
     val: str | None = Field(None, description="COCO JSON of the validation set; picks the best checkpoint")
     model: str | None = Field(None, description="model dir (local or s3://) or hub id to fine-tune")
     preset: str | None = Field(None, description="architecture trained from scratch instead, e.g. rtdetr-r18")
+    allow_unsafe_weights: bool = Field(
+        False, description="allow pickle (.bin) weights, not just safetensors, in the model, adapter or "
+        "checkpoint loaded")
     detector: Literal["hf", "florence2"] = Field(
         "hf", description="hf: fine-tune all weights of an object detector; florence2: a LoRA adapter on Florence-2")
     prompt: str | None = Field(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from platescope.detectors.hf import check_weights, hash_weights, local_model_dir
+from platescope.detectors.loading import resolve_adapter, resolve_model
 from platescope.schema import Detections
 from platescope.storage import S3Options
 
@@ -104,7 +104,7 @@ class Florence2Detector:
 
     def __init__(self, model: str, *, prompt: str, adapter: str | None = None, threshold: float = 0.0,
                  device: str = "auto", s3: S3Options | None = None, num_threads: int | None = None,
-                 max_new_tokens: int = 256, allow_unsafe_weights: bool = False,
+                 max_new_tokens: int = 256, allow_unsafe_weights: bool = False, trust_remote_code: bool = False,
                  cache_dir: str | None = None) -> None:
         import torch
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
@@ -115,21 +115,23 @@ class Florence2Detector:
         self.prompt, self.threshold, self.max_new_tokens = prompt, float(threshold), max_new_tokens
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else "cpu" if device == "auto" else device)
-        local = local_model_dir(model, s3, cache_dir)
-        source = local or model
-        if local is not None:
-            check_weights(local, allow_unsafe_weights)
-        base_hash = hash_weights(local) if local else None
-        self.model_id = f"{model}@{base_hash}" if local else model
-        self.processor = AutoProcessor.from_pretrained(source)
-        self.model = Florence2ForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
-        if adapter:
+        # Base and adapter are both resolved and checked before either loads: a refused adapter
+        # costs no base model load.
+        base = resolve_model(model, s3=s3, cache_dir=cache_dir, allow_unsafe_weights=allow_unsafe_weights,
+                             trust_remote_code=trust_remote_code)
+        lora = (resolve_adapter(adapter, s3=s3, cache_dir=cache_dir, allow_unsafe_weights=allow_unsafe_weights)
+                if adapter else None)
+        if lora is not None:
+            check_adapter_base(adapter, lora.path, model, base.weights_hash)
+        self.model_id = base.model_id
+        self.processor = AutoProcessor.from_pretrained(base.path, **base.processor_kwargs)
+        self.model = Florence2ForConditionalGeneration.from_pretrained(base.path, dtype=torch.float32,
+                                                                       **base.model_kwargs)
+        if lora is not None:
             from peft import PeftModel
 
-            adapter_dir = local_model_dir(adapter, s3, cache_dir) or adapter
-            check_adapter_base(adapter, adapter_dir, model, base_hash)
-            self.model = PeftModel.from_pretrained(self.model, adapter_dir)
-            self.model_id += f"+{adapter}@{hash_weights(adapter_dir)}"
+            self.model = PeftModel.from_pretrained(self.model, lora.path)
+            self.model_id += f"+{lora.model_id}"
         self.model.to(self.device).eval()
 
     def detect(self, images: Sequence[np.ndarray], prompts: Sequence[str] | None = None) -> list[Detections]:

@@ -18,21 +18,20 @@ def build(cfg, id2label: dict[int, str], s3, checkpoint_dir: str | None) -> tupl
     """(model in train mode, processor): from the checkpoint when resuming, else the preset or model dir."""
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-    from platescope.detectors.hf import local_model_dir
+    from platescope.detectors.loading import resolve_model
     from platescope.detectors.presets import build_model
 
-    if checkpoint_dir is not None:
-        source = checkpoint_dir
-    elif cfg.preset:
+    if checkpoint_dir is None and cfg.preset:
         # In memory: under torch.distributed only rank 0 may write a model dir (save_pretrained).
         model, processor = build_model(cfg.preset, id2label=id2label, seed=cfg.seed)
         return model.train(), processor
-    else:
-        source = local_model_dir(cfg.model, s3) or cfg.model
+    # The loading policy of detect: safetensors only unless allow_unsafe_weights, no remote code.
+    weights = resolve_model(checkpoint_dir if checkpoint_dir is not None else cfg.model, s3=s3,
+                            allow_unsafe_weights=cfg.allow_unsafe_weights)
     label2id = {name: i for i, name in id2label.items()}
-    model = AutoModelForObjectDetection.from_pretrained(source, id2label=id2label, label2id=label2id,
-                                                        ignore_mismatched_sizes=True)
-    return model.train(), AutoImageProcessor.from_pretrained(source)
+    model = AutoModelForObjectDetection.from_pretrained(weights.path, id2label=id2label, label2id=label2id,
+                                                        ignore_mismatched_sizes=True, **weights.model_kwargs)
+    return model.train(), AutoImageProcessor.from_pretrained(weights.path, **weights.processor_kwargs)
 
 
 def _encode(processor, batch, device, with_labels: bool):

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from platescope.detectors.hf import hash_weights, local_model_dir
+from platescope.detectors.loading import resolve_adapter, resolve_model
 from platescope.training.data import processor_inputs
 
 BASE_INFO_KEY = "base_model"
@@ -29,12 +29,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _base(cfg, s3):
+    """(base model, its processor, the resolved source) under detect's loading policy."""
     import torch
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-    source = local_model_dir(cfg.model, s3) or cfg.model
-    processor = AutoProcessor.from_pretrained(source)
-    return Florence2ForConditionalGeneration.from_pretrained(source, dtype=torch.float32), processor, source
+    weights = resolve_model(cfg.model, s3=s3, allow_unsafe_weights=cfg.allow_unsafe_weights)
+    processor = AutoProcessor.from_pretrained(weights.path, **weights.processor_kwargs)
+    model = Florence2ForConditionalGeneration.from_pretrained(weights.path, dtype=torch.float32,
+                                                              **weights.model_kwargs)
+    return model, processor, weights
 
 
 def lora_config(cfg):
@@ -51,7 +54,8 @@ def build(cfg, id2label: dict[int, str], s3, checkpoint_dir: str | None) -> tupl
 
     base, processor, _ = _base(cfg, s3)
     if checkpoint_dir is not None:
-        model = PeftModel.from_pretrained(base, checkpoint_dir, is_trainable=True)
+        adapter = resolve_adapter(checkpoint_dir, s3=s3, allow_unsafe_weights=cfg.allow_unsafe_weights)
+        model = PeftModel.from_pretrained(base, adapter.path, is_trainable=True)
     else:
         model = get_peft_model(base, lora_config(cfg))
     return model.train(), processor
@@ -121,14 +125,15 @@ def finish_export(directory: str, cfg, s3) -> dict[str, Any]:
     `merge`, replace the adapter by base + adapter folded into one full model dir."""
     from peft import PeftModel
 
-    source = local_model_dir(cfg.model, s3) or cfg.model  # a cached copy: no second fetch
-    identity = {"model": cfg.model, "weights_sha256_12": hash_weights(source) if os.path.isdir(source) else None}
+    base_weights = resolve_model(cfg.model, s3=s3, allow_unsafe_weights=cfg.allow_unsafe_weights)  # cached: no second fetch
+    identity = {"model": cfg.model, "weights_sha256_12": base_weights.weights_hash}
     readme = os.path.join(directory, "README.md")  # PEFT's empty model card
     if os.path.exists(readme):
         os.remove(readme)
     if cfg.merge:  # only merging needs the base's weights in memory
         base, processor, _ = _base(cfg, s3)
-        merged = PeftModel.from_pretrained(base, directory).merge_and_unload()
+        adapter = resolve_adapter(directory, allow_unsafe_weights=cfg.allow_unsafe_weights)
+        merged = PeftModel.from_pretrained(base, adapter.path).merge_and_unload()
         for name in (ADAPTER_CONFIG, "adapter_model.safetensors"):
             os.remove(os.path.join(directory, name))
         merged.save_pretrained(directory)
