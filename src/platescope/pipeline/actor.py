@@ -48,8 +48,64 @@ def _nullable(values: np.ndarray) -> list:
     return out
 
 
+def decide_num_threads(*, configured: int | None, on_gpu: bool, node_cpus: float, num_actors_max: int,
+                       num_cpus_per_actor: float, cores: int) -> int | None:
+    """Torch threads for one detector actor, decided on the node it runs on.
+
+    `configured` (num_threads_per_actor) wins when set. On GPU the model is not CPU-bound: None
+    leaves Ray's OMP_NUM_THREADS=num_cpus. On CPU the model is the bottleneck (decoding is cheap next
+    to it), so an actor takes its share of its node's CPUs: the node's CPUs (as Ray reports them)
+    divided by the actors that could land there, which is num_actors_max, or fewer when fewer fit
+    (num_cpus_per_actor each); never less than the CPUs it reserved, never more than the `cores` this
+    process may run on (Ray can be told of more CPUs than the machine has).
+    """
+    if configured is not None:
+        return configured
+    if on_gpu:
+        return None
+    fit = max(1, int(node_cpus // num_cpus_per_actor)) if num_cpus_per_actor > 0 else num_actors_max
+    actors_on_node = max(1, min(num_actors_max, fit))
+    share = int(node_cpus // actors_on_node)
+    return max(1, min(cores, max(int(num_cpus_per_actor), share)))
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _node_cpus() -> float:
+    """CPUs of the node this process runs on: as Ray reports them when this is a Ray worker or driver,
+    else the cores this process may use (a detector built outside Ray, e.g. by `platescope bench`)."""
+    import sys
+
+    ray = sys.modules.get("ray")  # never import Ray here: outside it, this is plain local compute
+    if ray is not None and ray.is_initialized():
+        node_id = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node.get("NodeID") == node_id and node.get("Resources", {}).get("CPU"):
+                return float(node["Resources"]["CPU"])
+    return float(_usable_cores())
+
+
+def spec_num_threads(spec: dict[str, Any]) -> int | None:
+    """`decide_num_threads` for a detector spec, with this node's CPUs."""
+    return decide_num_threads(
+        configured=spec.get("num_threads"), on_gpu=spec.get("num_gpus", 0) > 0, node_cpus=_node_cpus(),
+        num_actors_max=spec.get("num_actors_max", 1), num_cpus_per_actor=spec.get("num_cpus_per_actor", 1.0),
+        cores=_usable_cores(),
+    )
+
+
 def build_detector(spec: dict[str, Any]):
-    """The detector a spec names; kept here so the pipeline and the benchmark build it the same way."""
+    """The detector a spec names; kept here so the pipeline and the benchmark build it the same way.
+
+    Its torch thread count is decided here, on the machine that builds it (see decide_num_threads),
+    not by the driver that wrote the spec.
+    """
+    num_threads = spec_num_threads(spec)
     if spec["detector"] == "hf":
         from platescope.detectors.hf import HFDetector
 
@@ -61,15 +117,16 @@ def build_detector(spec: dict[str, Any]):
             trust_remote_code=spec["trust_remote_code"],
             allow_unsafe_weights=spec["allow_unsafe_weights"],
             s3=spec["s3"],
-            num_threads=spec.get("num_threads"),
+            num_threads=num_threads,
         )
     if spec["detector"] == "florence2":
         from platescope.detectors.florence2 import Florence2Detector
 
         return Florence2Detector(
             spec["model"], prompt=spec["prompt"], adapter=spec.get("adapter"), threshold=spec["threshold"],
-            device=spec["device"], s3=spec["s3"], num_threads=spec.get("num_threads"),
+            device=spec["device"], s3=spec["s3"], num_threads=num_threads,
             max_new_tokens=spec.get("max_new_tokens", 256), allow_unsafe_weights=spec["allow_unsafe_weights"],
+            trust_remote_code=spec["trust_remote_code"],
         )
     raise ValueError(f"detector: unknown family {spec['detector']!r}")
 
@@ -81,7 +138,10 @@ class DetectorActor:
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor only clutters the console
         self.detector = build_detector(spec)
         self.prompt = spec.get("prompt")
-        log.info("detector ready in pid %s: %s", os.getpid(), self.detector.model_id)
+        import torch
+
+        log.info("detector ready in pid %s: %s (%d torch threads)", os.getpid(), self.detector.model_id,
+                 torch.get_num_threads())
 
     def _detect_all(self, images: list[np.ndarray]) -> list[Detections | str]:
         """Detections per image, or an error string for an image the model itself failed on."""

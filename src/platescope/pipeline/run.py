@@ -88,17 +88,16 @@ def check_output(output: str, s3: S3Options | None) -> None:
 
 
 def detector_spec(cfg: DetectConfig, s3: S3Options, num_gpus: float) -> dict[str, Any]:
-    threads = cfg.num_threads_per_actor
-    if threads is None and num_gpus == 0:
-        # Ray pins actors to OMP_NUM_THREADS=num_cpus; on CPU the model is the bottleneck, so let
-        # torch use this node's share of cores (decoding is cheap next to the model).
-        threads = max(int(cfg.num_cpus_per_actor), (os.cpu_count() or 1) // cfg.num_actors_max)
+    """What an actor needs to build its detector. Nothing here is measured on the driver, which on a
+    cluster is not the node the actors run on: torch's thread count is decided in each actor from
+    its own node (pipeline.actor.decide_num_threads); `num_threads` is only what the config says."""
     return {
         "detector": cfg.detector, "model": cfg.model, "threshold": cfg.threshold,
         "device": cfg.device if num_gpus > 0 or cfg.device != "auto" else "cpu", "dtype": cfg.dtype,
         "trust_remote_code": cfg.trust_remote_code, "allow_unsafe_weights": cfg.allow_unsafe_weights,
-        "s3": s3, "num_threads": threads, "prompt": cfg.prompt, "adapter": cfg.adapter,
-        "max_new_tokens": cfg.max_new_tokens,
+        "s3": s3, "num_threads": cfg.num_threads_per_actor, "num_gpus": num_gpus,
+        "num_cpus_per_actor": cfg.num_cpus_per_actor, "num_actors_max": cfg.num_actors_max,
+        "prompt": cfg.prompt, "adapter": cfg.adapter, "max_new_tokens": cfg.max_new_tokens,
     }
 
 
