@@ -334,18 +334,26 @@ def _wait_for_job_api(url: str, deadline_s: float = 120) -> None:
     raise AssertionError(f"no Ray dashboard at {url}")
 
 
+# Ray's fixed default ports besides GCS and dashboard: another Ray on this machine holding the dashboard
+# agent's (52365) leaves this head without a job agent ("No available agent to submit job").
+_HEAD_PORT_FLAGS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                    "--metrics-export-port", "--node-manager-port", "--object-manager-port",
+                    "--ray-client-server-port")
+
+
 @pytest.fixture(scope="session")
 def ray_head() -> Iterator[RayHead]:
     """The repository's own local-head script on free ports, in its own session. It advertises one
     GPU, as a GPU worker group does (jobs' actors ask for it; without CUDA the model runs on CPU)."""
     import tempfile
 
-    gcs_port, dashboard_port = _free_ports(2)
+    gcs_port, dashboard_port, *other_ports = _free_ports(2 + len(_HEAD_PORT_FLAGS))
     token = f"platescope-test-{uuid.uuid4().hex}"
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Unix socket paths must stay short
     env = {**os.environ, "RAY_AUTH_TOKEN": token, "RAY_PORT": str(gcs_port), "RAY_DASHBOARD_PORT": str(dashboard_port),
            "RAY_NUM_CPUS": "2", "RAY_TEMP_DIR": ray_tmp}
-    head = subprocess.Popen([str(REPO_ROOT / "cluster" / "start-local-head.sh"), "--block", "--num-gpus=1"],
+    head = subprocess.Popen([str(REPO_ROOT / "cluster" / "start-local-head.sh"), "--block", "--num-gpus=1",
+                             *(f"{flag}={port}" for flag, port in zip(_HEAD_PORT_FLAGS, other_ports))],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard_port}"
     try:

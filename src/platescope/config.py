@@ -1,14 +1,19 @@
 """Typed job configs: a YAML file, then `key=value` overrides, strict about every field.
 
 A misspelt key or a bad value fails at once with a message naming the field, before any work starts.
-The resolved config is saved beside a run's outputs with secrets masked.
+Types are strict: `true` is no number and `"1"` no boolean, while a string field takes what was written
+(`run_id=20261121` is the name "20261121"). No error message shows the value of anything that looks
+like a secret (`is_secret_name`, `looks_secret_value`), and the resolved config saved beside a run's
+outputs has secrets masked.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import re
-from typing import Annotated, Any, Literal
+import types
+import urllib.parse
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -23,6 +28,162 @@ from pydantic import (
 
 from platescope.models import default_model_dir
 from platescope.storage import S3Options
+
+
+# --------------------------------------------------------------------------------------------
+# What holds a secret: one rule for config fields (right or misspelt), job files and env vars
+# --------------------------------------------------------------------------------------------
+
+MASK = "**********"  # as pydantic's SecretStr shows one
+
+# Anywhere in a name (APIKEY and ACCESSTOKEN run words together; nothing harmless contains these).
+_SECRET_PARTS = ("SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "WEBHOOK", "COOKIE", "PRIVATE",
+                 "APIKEY", "ACCESSKEY", "AUTHTOKEN", "ACCESSTOKEN", "CONNSTR", "CONNECTIONSTRING",
+                 "AUTHORIZATION", "BASICAUTH", "SSHKEY", "SIGNINGKEY", "MASTERKEY", "ENCRYPTIONKEY",
+                 "LICENSEKEY")
+# Whole words only: KEYRING, MONKEY, TOKENIZERS_PARALLELISM, max_new_tokens, PASSTHROUGH are no secrets.
+# (KEY: AWS_ACCESS_KEY_ID, OPENAI_API_KEY, SSH_KEY; PYTHONHASHSEED, KEYRING and MONKEY have no KEY word.)
+_SECRET_WORDS = {"KEY", "TOKEN", "PASS", "DSN"}
+# AUTH and SESSION name a secret unless the name ends in a word saying it is a setting about one
+# (RAY_AUTH_MODE, AUTH_URL, SESSION_TIMEOUT).
+_WEAK_WORDS = {"AUTH", "OAUTH", "OAUTH2", "SESSION"}
+_SETTING_WORDS = {"MODE", "TYPE", "METHOD", "ENABLED", "DISABLED", "PROVIDER", "URL", "URI", "HOST", "PORT",
+                  "ENDPOINT", "DOMAIN", "REALM", "ISSUER", "SCOPE", "SCOPES", "TIMEOUT", "TTL", "NAME", "LEVEL"}
+# <DATABASE>_URL and the like carry user:password@ as a rule; AWS_ENDPOINT_URL does not.
+_STORE_WORDS = {"DATABASE", "DB", "REDIS", "MONGO", "MONGODB", "POSTGRES", "POSTGRESQL", "PG", "MYSQL",
+                "AMQP", "RABBITMQ", "BROKER", "CELERY", "SQLALCHEMY"}
+_URL_WORDS = {"URL", "URI", "URLS"}
+_URL_WITH_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:[^/?#\s]+@")
+
+
+def _name_words(name: str) -> list[str]:
+    """secretAccessKey, secret-access-key and SECRET_ACCESS_KEY -> [SECRET, ACCESS, KEY]."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.upper()) if w]
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a field or environment variable called `name` holds a secret (a dotted name: any part).
+
+    Yes: AWS_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID, OPENAI_API_KEY, HF_TOKEN, DB_PASSWORD,
+    AZURE_STORAGE_CONNECTION_STRING, SLACK_WEBHOOK_URL, DATABASE_URL, SENTRY_DSN, AWS_SESSION_TOKEN,
+    GOOGLE_APPLICATION_CREDENTIALS, s3.secret-access-key (misspelt or not).
+    No: AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, RAY_AUTH_MODE, PYTHONHASHSEED, TOKENIZERS_PARALLELISM,
+    max_new_tokens, GIT_AUTHOR_NAME, PYTHON_KEYRING_BACKEND.
+    """
+    words = _name_words(name)
+    joined = "".join(words)
+    if any(part in joined for part in _SECRET_PARTS):
+        return True
+    if any(w in _SECRET_WORDS or w.endswith(("TOKEN", "DSN")) for w in words):
+        return True
+    if "PWD" in words and len(words) > 1:  # MYSQL_PWD; PWD alone is the working dir
+        return True
+    if any(w in _WEAK_WORDS or w.endswith("AUTH") for w in words) and words[-1] not in _SETTING_WORDS:
+        return True
+    return bool(set(words) & _STORE_WORDS and set(words) & _URL_WORDS)
+
+
+def looks_secret_value(value: Any) -> bool:
+    """A value that is a secret whatever its name: a URL with user:password@, a private key."""
+    return isinstance(value, str) and bool(_URL_WITH_PASSWORD.search(value) or "PRIVATE KEY-----" in value)
+
+
+def mask_secret_value(value: str) -> str:
+    """`value` with the password of any URL in it masked (and a private key masked whole)."""
+    if "PRIVATE KEY-----" in value:
+        return MASK
+
+    def mask(m: re.Match) -> str:
+        scheme, userinfo = m.group(0).split("://", 1)
+        return f"{scheme}://{userinfo.split(':', 1)[0]}:{MASK}@"
+
+    return _URL_WITH_PASSWORD.sub(mask, value)
+
+
+def _secret_texts(node: Any, under_secret: bool = False) -> set[str]:
+    """Every text in parsed config data that must not be shown: the values (scalars, however deep)
+    under a secret-looking key, right or misspelt, and URL passwords anywhere."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found |= _secret_texts(value, under_secret or is_secret_name(str(key)))
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            found |= _secret_texts(value, under_secret)
+    elif node is not None and not isinstance(node, bool):
+        text = node.get_secret_value() if isinstance(node, SecretStr) else str(node)
+        if under_secret:
+            found.add(text)
+        elif looks_secret_value(text):
+            found |= _url_passwords(text) | {text}
+    return found
+
+
+def _url_passwords(text: str) -> set[str]:
+    out = set()
+    for m in _URL_WITH_PASSWORD.finditer(text):
+        userinfo = m.group(0).split("://", 1)[1][:-1]
+        password = userinfo.split(":", 1)[1]
+        out |= {password, urllib.parse.unquote(password)}
+    return out
+
+
+# `key: value`, `key=value`, `"key": value` on one line of a file that did not parse.
+_KEY_VALUE_LINE = re.compile(r"""["']?([A-Za-z0-9_.-]+)["']?\s*[:=]\s*(.*)""")
+
+
+def _secret_texts_in_raw(text: str) -> set[str]:
+    """What `_secret_texts` would find, from the text of a YAML file that does not parse."""
+    found: set[str] = set()
+    for line in text.splitlines():
+        for m in _KEY_VALUE_LINE.finditer(line):
+            key, value = m.group(1), m.group(2).strip()
+            if value and is_secret_name(key):
+                found |= {value, value.strip("'\"{}[], ")}
+                found |= set(re.split(r"[\s,{}\[\]#*&!'\"]+", value))
+        if looks_secret_value(line):
+            found |= _url_passwords(line)
+    return found
+
+
+def _redact(message: str, secrets: set[str]) -> str:
+    # Longest first, so a value is masked whole before any part of it; very short ones would mask
+    # ordinary words of the message and give nothing away.
+    for secret in sorted((s for s in secrets if len(s) >= 3), key=len, reverse=True):
+        message = message.replace(secret, MASK)
+    return mask_secret_value(message)
+
+
+def _masked_dump(node: Any) -> Any:
+    """A JSON-ready dump (SecretStr fields already masked) with URL passwords masked too."""
+    if isinstance(node, dict):
+        return {k: _masked_dump(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_masked_dump(v) for v in node]
+    return mask_secret_value(node) if isinstance(node, str) else node
+
+
+def _holds_url_secret(node: Any) -> bool:
+    if isinstance(node, dict):
+        return any(_holds_url_secret(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_holds_url_secret(v) for v in node)
+    return looks_secret_value(node)
+
+
+def secret_fields(cfg: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of the fields of `cfg` set to a secret: a secret-named field with a value, or any
+    value holding a URL password (for `submit`, which must not send them in plain text)."""
+    found = []
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        dotted = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            found += secret_fields(value, dotted + ".")
+        elif (value is not None and value != "" and is_secret_name(name)) or _holds_url_secret(value):
+            found.append(dotted)
+    return found
 
 
 def _require_text(v: str) -> str:
@@ -48,7 +209,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no number from `true` or "1", no boolean from 1 or "yes" (YAML's own yes/true are booleans
+    # already); an int is still a float. `build_config` gives string fields the text as written.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class S3Config(_Strict):
@@ -79,7 +242,7 @@ class EvaluationOptions(_Strict):
 
     ground_truth: Text = Field(..., description="COCO JSON file, YOLO labels folder or Pascal VOC XML folder (local or s3://)")
     ground_truth_format: Literal["auto", "coco", "yolo", "voc"] = Field("auto", description="labels format")
-    input_root: list[str] | None = Field(
+    input_root: list[Text] | None = Field(
         None, description="roots the detections' URIs are made relative to before matching label paths; "
         "default: the inputs of the run that wrote them")
     label_map: dict[str, str] = Field(
@@ -122,7 +285,7 @@ class LoraOptions(_Strict):
 class DetectConfig(_Strict):
     """Everything a `detect` run needs. Counts are named num_*."""
 
-    input: list[str] = Field(..., min_length=1, description="local folders/files or s3:// prefixes, listed recursively")
+    input: list[Text] = Field(..., min_length=1, description="local folders/files or s3:// prefixes, listed recursively")
     output: Text = Field(..., description="output root; the run writes into <output>/<run_id>/")
     model: Text = Field(default_factory=default_model_dir,
                         description="model dir (local or s3://) or a hub id; default: the bundled plate model")
@@ -181,7 +344,7 @@ class DetectConfig(_Strict):
 
     def resolved(self) -> dict[str, Any]:
         """JSON-ready config with secrets masked, as saved beside the outputs."""
-        return self.model_dump(mode="json")
+        return _masked_dump(self.model_dump(mode="json"))
 
 
 class TrainConfig(_Strict):
@@ -254,7 +417,7 @@ class TrainConfig(_Strict):
 
     def resolved(self) -> dict[str, Any]:
         """JSON-ready config with secrets masked, as saved beside the model."""
-        return self.model_dump(mode="json")
+        return _masked_dump(self.model_dump(mode="json"))
 
 
 def _format_error(err: ValidationError, source: str) -> str:
@@ -268,21 +431,87 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"invalid config ({source}): " + "; ".join(parts)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (["a", "b"], value parsed as YAML, so numbers, booleans and lists get their types)."""
+# A scalar's text as written, and whether it was plain (unquoted): path -> (text, plain).
+_Texts = dict[tuple, tuple[str, bool]]
+
+
+def _parse_yaml(text: str) -> tuple[Any, _Texts]:
+    """yaml.safe_load, plus the text of every scalar as it was written, by its path in the result
+    (string fields take that text instead of the number, boolean or date YAML made of it)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        value = loader.construct_document(node)
+        texts: _Texts = {}
+        _scalar_texts(loader, node, (), texts, set())
+        return value, texts
+    finally:
+        loader.dispose()
+
+
+def _scalar_texts(loader: yaml.SafeLoader, node: yaml.Node, path: tuple, texts: _Texts, seen: set[int]) -> None:
+    if isinstance(node, yaml.ScalarNode):
+        texts[path] = (node.value, node.style is None)
+        return
+    if id(node) in seen:  # an alias of an enclosing node
+        return
+    seen = seen | {id(node)}
+    if isinstance(node, yaml.SequenceNode):
+        for i, child in enumerate(node.value):
+            _scalar_texts(loader, child, (*path, i), texts, seen)
+    elif isinstance(node, yaml.MappingNode):
+        for key_node, child in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = loader.construct_object(key_node)
+                if isinstance(key, (str, int, float, bool)):
+                    _scalar_texts(loader, child, (*path, key), texts, seen)
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """Where and what, without PyYAML's snippet of the line (which may hold a secret)."""
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return type(e).__name__
+
+    def at(mark) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    text = f"{e.problem or 'invalid'}{at(e.problem_mark)}"
+    if e.context:
+        text += f" ({e.context}{at(e.context_mark)})"
+    return " ".join(text.split())
+
+
+def _override_parts(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not key=value")
     key, raw = text.split("=", 1)
     if not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-        raise ConfigError(f"override '{text}': '{key}' is not a field name")
+        shown = f"{key}=..." if is_secret_name(key) or looks_secret_value(raw) else text
+        raise ConfigError(f"override '{shown}': '{key}' is not a field name")
+    return key, raw
+
+
+def _parse_override(text: str) -> tuple[list[str], Any, _Texts]:
+    key, raw = _override_parts(text)
+    texts: _Texts = {}
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value, texts = _parse_yaml(raw) if raw.strip() else ("", {})
     except yaml.YAMLError:
         value = raw
     # Keep strings that YAML would turn into something surprising (dates, null for an empty run id).
-    if isinstance(value, (_dt.date, _dt.datetime)):
+    if isinstance(value, (_dt.date, _dt.datetime)) or value is None and not raw.strip():
         value = raw
-    return key.split("."), value
+    if () not in texts:  # a list, a mapping or no YAML at all: a string field takes the whole text
+        texts[()] = (raw, False)
+    return key.split("."), value, texts
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML, so numbers, booleans and lists get their types)."""
+    path, value, _ = _parse_override(text)
+    return path, value
 
 
 def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -294,7 +523,8 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_yaml(path: str) -> dict[str, Any]:
+def _load_yaml(path: str) -> tuple[dict[str, Any], _Texts, set[str]]:
+    """The file's fields, their texts as written, and the secrets in it (to keep out of messages)."""
     from platescope import storage
 
     try:
@@ -302,12 +532,88 @@ def load_yaml(path: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: not found") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data, texts = _parse_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+        raise ConfigError(_redact(f"config file {path}: not valid YAML ({_yaml_error(e)})",
+                                  _secret_texts_in_raw(text))) from None
+    data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: must be a mapping of fields, not {type(data).__name__}")
-    return data
+    return data, texts, _secret_texts(data)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    return _load_yaml(path)[0]
+
+
+# -- string fields take the text as written; lists take one item as a list of one ------------------
+
+
+def _bare(tp: Any) -> Any:
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tp
+
+
+def _members(tp: Any) -> list[Any]:
+    """The types a field accepts besides None."""
+    tp = _bare(tp)
+    if get_origin(tp) in (Union, types.UnionType):
+        return [_bare(a) for a in get_args(tp) if a is not type(None)]
+    return [tp]
+
+
+def _is_text_type(tp: Any) -> bool:
+    if tp in (str, SecretStr):
+        return True
+    return get_origin(tp) is Literal and all(isinstance(a, str) for a in get_args(tp))
+
+
+# YAML 1.2 floats that PyYAML (YAML 1.1) reads as strings: 1e-4, 5E3 (it wants 1.0e-4).
+_PLAIN_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
+def _as_written(tp: Any, value: Any, path: tuple, texts: _Texts) -> Any:
+    """`value` for a field of type `tp`, with string fields given the text as written (20261121,
+    true or 2026-11-21 stay text) and plain 1e-4 read as a number; nested sections, lists and
+    mappings followed down."""
+    members = _members(tp)
+    if value is None:
+        return value
+    if all(_is_text_type(m) for m in members):
+        if not isinstance(value, (str, SecretStr)) and path in texts:
+            return texts[path][0]
+        return value
+    if float in members and isinstance(value, str) and texts.get(path, ("", False))[1] \
+            and _PLAIN_FLOAT.fullmatch(value):
+        return float(value)
+    for m in members:
+        if isinstance(m, type) and issubclass(m, BaseModel) and isinstance(value, dict):
+            return _fields_as_written(m, value, path, texts)
+        if get_origin(m) is list:
+            item = get_args(m)[0]
+            if not isinstance(value, (list, dict)):  # `input=s3://x`: a list of one
+                if path in texts:
+                    texts[(*path, 0)] = texts[path]
+                return [_as_written(item, value, (*path, 0), texts)]
+            if isinstance(value, list):
+                return [_as_written(item, v, (*path, i), texts) for i, v in enumerate(value)]
+        if get_origin(m) is dict and isinstance(value, dict):
+            key_type, item = get_args(m)
+            return {(str(k) if key_type is str and isinstance(k, int) and not isinstance(k, bool) else k):
+                    _as_written(item, v, (*path, k), texts) for k, v in value.items()}
+    return value
+
+
+def _fields_as_written(model_cls: type[BaseModel], data: dict[str, Any], path: tuple, texts: _Texts) -> dict:
+    fields = model_cls.model_fields
+    return {k: _as_written(fields[k].annotation, v, (*path, k), texts) if k in fields else v
+            for k, v in data.items()}
+
+
+def _drop_texts(texts: _Texts, path: tuple) -> None:
+    for p in [p for p in texts if p[:len(path)] == path]:
+        del texts[p]
 
 
 def build_config(
@@ -317,19 +623,33 @@ def build_config(
     values: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
 ) -> Any:
-    """YAML file < explicit values (CLI flags) < key=value overrides, validated strictly."""
-    data: dict[str, Any] = load_yaml(file) if file else {}
-    for key, value in (values or {}).items():
-        _set_path(data, key.split("."), value)
-    for text in overrides or []:
-        path, value = parse_override(text)
-        # A list field given one string (input=s3://x) means a list of one.
-        if path == ["input"] and isinstance(value, str):
-            value = [value]
-        _set_path(data, path, value)
-    if isinstance(data.get("input"), str):
-        data["input"] = [data["input"]]
+    """YAML file < explicit values (CLI flags) < key=value overrides, validated strictly.
+
+    No message of the ConfigError it raises shows a secret: the value of anything named like one
+    (right or misspelt, in the file, a flag or an override) or a URL's password.
+    """
+    secrets: set[str] = set()
     try:
-        return model_cls.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, file or "command line")) from None
+        data, texts, secrets = _load_yaml(file) if file else ({}, {}, set())
+        for key, value in (values or {}).items():
+            path = key.split(".")
+            secrets |= _secret_texts({key: value})
+            _drop_texts(texts, tuple(path))
+            _set_path(data, path, value)
+        for text in overrides or []:
+            key, _, raw = text.partition("=")
+            if is_secret_name(key):
+                secrets |= {raw, raw.strip(), raw.strip().strip("'\"")}
+            secrets |= _secret_texts(raw)
+            path, value, override_texts = _parse_override(text)
+            secrets |= _secret_texts({key: value})
+            _drop_texts(texts, tuple(path))
+            texts.update({(*path, *p): t for p, t in override_texts.items()})
+            _set_path(data, path, value)
+        data = _fields_as_written(model_cls, data, (), texts)
+        try:
+            return model_cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(_format_error(e, file or "command line")) from None
+    except ConfigError as e:
+        raise ConfigError(_redact(str(e), secrets)) from None

@@ -20,13 +20,48 @@ from fsspec.implementations.local import LocalFileSystem
 
 @dataclass(frozen=True)
 class S3Options:
-    """How to reach S3; None means "take it from the AWS environment" (AWS_ENDPOINT_URL, ...)."""
+    """How to reach S3; None means "take it from the AWS environment" (AWS_ENDPOINT_URL, ...).
+
+    It travels in Ray task and actor arguments and in Ray Train's loop config (pickled whole: the
+    workers need the keys), where any log line or traceback that prints it would show them. So its
+    repr (and str) says only whether a key is set, and masks a password in the endpoint URL.
+    """
 
     endpoint_url: str | None = None
     region: str | None = None
     access_key_id: str | None = None
     secret_access_key: str | None = None
     anon: bool = False
+
+    MASK = "**********"  # as pydantic's SecretStr shows a secret
+
+    def __repr__(self) -> str:
+        def key(value: str | None) -> str:
+            return "None" if value is None else repr(self.MASK)
+
+        return (f"S3Options(endpoint_url={self._masked_url(self.endpoint_url)!r}, region={self.region!r}, "
+                f"access_key_id={key(self.access_key_id)}, secret_access_key={key(self.secret_access_key)}, "
+                f"anon={self.anon!r})")
+
+    __str__ = __repr__
+
+    @classmethod
+    def _masked_url(cls, url: str | None) -> str | None:
+        """`scheme://user:password@host/...` with the password masked; any other URL as it is."""
+        import urllib.parse
+
+        if not url or "@" not in url:
+            return url
+        try:
+            parts = urllib.parse.urlsplit(url)
+            password = parts.password
+        except ValueError:  # unparseable: show nothing of it
+            return cls.MASK
+        if password is None:
+            return url
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{cls.MASK}@{host}"))
 
     def fs_kwargs(self) -> dict[str, Any]:
         endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(

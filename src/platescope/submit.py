@@ -6,10 +6,12 @@
          runtime env's working dir (plus cluster/runtime_env.yaml-style extras with --runtime-env)
       -> JobSubmissionClient(address, token) -> job id; --follow streams its logs and exits with its outcome
 
-Secrets never travel in the submission: a job file or override carrying S3 keys, or an --env
-variable named like a secret, is refused (the dashboard shows runtime envs and entrypoints in plain
-text); the cluster gets credentials from its own environment (Kubernetes Secrets). The Ray auth
-token goes only into the request's Authorization header and is never printed.
+Secrets never travel in the submission: a job file or override carrying S3 keys (any field named
+like a secret, or a URL with a password), or an --env / --runtime-env variable named like a secret or
+holding a URL with a password, is refused (the dashboard shows runtime envs and entrypoints in plain
+text); the cluster gets credentials from its own environment (Kubernetes Secrets). One rule decides
+what a secret is: `platescope.config.is_secret_name` and `looks_secret_value`. The Ray auth token goes
+only into the request's Authorization header and is never printed.
 """
 
 from __future__ import annotations
@@ -29,13 +31,20 @@ from typing import Any
 
 import yaml
 
-from platescope.config import ConfigError, DetectConfig, EvaluateConfig, TrainConfig, build_config, load_yaml
+from platescope.config import (
+    ConfigError,
+    DetectConfig,
+    EvaluateConfig,
+    TrainConfig,
+    build_config,
+    is_secret_name,
+    load_yaml,
+    looks_secret_value,
+    secret_fields,
+)
 
 EXIT_FAILED = 1
 EXIT_CANNOT_SUBMIT = 2
-# Words of an env var's name (split at "_") that mark a secret: AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN.
-_SECRET_WORDS = {"SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIALS", "CREDENTIAL", "PRIVATE", "APIKEY"}
-_SECRET_FIELDS = ("s3.secret_access_key", "s3.access_key_id")
 # A field only that verb's config has, so a job file names its verb without saying so.
 _VERB_BY_FIELD = (("input", "detect", DetectConfig), ("train", "train", TrainConfig),
                   ("detections", "evaluate", EvaluateConfig))
@@ -74,16 +83,20 @@ def verb_of(data: dict[str, Any], source: str) -> tuple[str, type]:
 
 
 def _refuse_plain_secrets(cfg: Any, job_file: str) -> None:
-    for dotted in _SECRET_FIELDS:
-        section, name = dotted.split(".")
-        if getattr(getattr(cfg, section, None), name, None) is not None:
-            raise SubmitError(f"{job_file}: {dotted} would reach the cluster in plain text; give the cluster its "
-                              "S3 credentials from its environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, e.g. "
-                              "from a Kubernetes Secret) and leave them out of the job")
+    found = secret_fields(cfg)
+    if found:
+        raise SubmitError(f"{job_file}: {', '.join(found)} would reach the cluster in plain text; give the cluster "
+                          "its credentials from its environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, e.g. "
+                          "from a Kubernetes Secret) and leave them out of the job")
 
 
-def _looks_secret(name: str) -> bool:
-    return bool(_SECRET_WORDS & set(name.upper().split("_")))
+def _secret_env_var(name: str, value: str | None) -> str | None:
+    """Why NAME=value must not go out in plain text, or None."""
+    if is_secret_name(name):
+        return "looks like a secret"
+    if value is not None and looks_secret_value(value):
+        return "holds a secret (a URL with a password, or a private key)"
+    return None
 
 
 def _env_vars(pairs: list[str]) -> dict[str, str]:
@@ -91,16 +104,27 @@ def _env_vars(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise SubmitError(f"--env {pair}: not NAME=VALUE or NAME")
-        if _looks_secret(name):
-            raise SubmitError(f"--env {name}: looks like a secret and would be shown in plain text on the "
-                              "cluster's dashboard; give it to the cluster from a Secret instead")
+            shown = pair if not sep or _secret_env_var(name, value) is None else f"{name}=..."
+            raise SubmitError(f"--env {shown}: not NAME=VALUE or NAME")
         if not sep:
-            if name not in os.environ:
+            if name not in os.environ and not is_secret_name(name):
                 raise SubmitError(f"--env {name}: not set here to pass on")
-            value = os.environ[name]
+            value = os.environ.get(name, "")
+        why = _secret_env_var(name, value)
+        if why:
+            raise SubmitError(f"--env {name}: {why} and would be shown in plain text on the cluster's "
+                              "dashboard; give it to the cluster from a Secret instead")
         env[name] = value
     return env
+
+
+def _secret_paths(node: Any, path: str = "") -> list[str]:
+    """Where in a runtime env a value holds a secret (a pip index URL with a token, ...)."""
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _secret_paths(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _secret_paths(v, f"{path}[{i}]")]
+    return [path] if looks_secret_value(node) else []
 
 
 def _runtime_env_file(path: str | None) -> dict[str, Any]:
@@ -118,9 +142,17 @@ def _runtime_env_file(path: str | None) -> dict[str, Any]:
     if "working_dir" in data:
         raise SubmitError(f"runtime env {path}: working_dir is where submit ships the job file; "
                           "use py_modules for code")
-    for name, value in (data.get("env_vars") or {}).items():
-        if _looks_secret(name) and value:
-            raise SubmitError(f"runtime env {path}: env_vars.{name} looks like a secret in plain text")
+    env_vars = data.get("env_vars") or {}
+    if not isinstance(env_vars, dict):
+        raise SubmitError(f"runtime env {path}: env_vars must be a mapping of NAME: value")
+    for name, value in env_vars.items():
+        why = _secret_env_var(str(name), None if value is None else str(value))
+        if why and value not in (None, ""):
+            raise SubmitError(f"runtime env {path}: env_vars.{name} {why} in plain text")
+    found = _secret_paths({k: v for k, v in data.items() if k != "env_vars"})
+    if found:
+        raise SubmitError(f"runtime env {path}: {', '.join(found)} holds a secret (a URL with a password) "
+                          "in plain text")
     return data
 
 
@@ -212,18 +244,28 @@ def _auth_message(address: str, error: str, token: str | None) -> str:
     return f"Ray head {address}: {reason} (check RAY_AUTH_TOKEN / --token-file against the cluster's token)"
 
 
+# A head that has just started answers this until its node's job agent has registered.
+_AGENT_NOT_READY = "No available agent to submit job"
+AGENT_WAIT_S = 60.0
+
+
 def submit(sub: Submission, token: str | None):
     from ray.exceptions import AuthenticationError
 
     client = _client(sub.address, token)
-    try:
-        client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
-                          submission_id=sub.submission_id, metadata=sub.metadata)
-    except AuthenticationError as e:
-        raise SubmitError(_auth_message(sub.address, str(e), token)) from None
-    except RuntimeError as e:  # the head's answer, e.g. a duplicate submission id
-        raise SubmitError(f"Ray head {sub.address}: refused the job ({str(e).strip().splitlines()[-1]})") from None
-    return client
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
+                              submission_id=sub.submission_id, metadata=sub.metadata)
+            return client
+        except AuthenticationError as e:
+            raise SubmitError(_auth_message(sub.address, str(e), token)) from None
+        except RuntimeError as e:  # the head's answer, e.g. a duplicate submission id
+            if _AGENT_NOT_READY in str(e) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise SubmitError(f"Ray head {sub.address}: refused the job ({str(e).strip().splitlines()[-1]})") from None
 
 
 def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0, timeout_s: float | None = None) -> tuple[str, str]:

@@ -122,3 +122,55 @@ def test_ship_code_sends_this_package_and_runs_it_as_a_module(tmp_path, tiny_mod
     plan = json.loads(proc.stdout)
     assert plan["entrypoint"] == "python -m platescope.cli detect --config job.yaml"
     assert plan["runtime_env"]["py_modules"] == [str(Path(platescope.__file__).parent)]
+
+
+SECRET_ENV_NAMES = ["OPENAI_API_KEY", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "DATABASE_URL",
+                    "AZURE_STORAGE_CONNECTION_STRING", "SLACK_WEBHOOK_URL"]
+
+
+def test_env_vars_named_like_secrets_are_refused_in_one_line(tmp_path, tiny_model):
+    job = write_job(tmp_path / "job.yaml", input=["s3://footage/"], output="s3://detections/", model=tiny_model)
+    for name in SECRET_ENV_NAMES:
+        proc = submit(str(job), "--env", f"{name}=x", "--dry-run", token=None, home=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"platescope submit: error: --env {name}: looks like a secret"), lines[0]
+        assert not proc.stdout
+    # a harmless name with a URL that carries a password, and a runtime env file naming a secret
+    proc = submit(str(job), "--env", "AWS_ENDPOINT_URL=http://admin:hunter2pw@minio:9000", "--dry-run", token=None,
+                  home=tmp_path)
+    assert proc.returncode == 2 and "--env AWS_ENDPOINT_URL: holds a secret" in proc.stderr
+    assert "hunter2pw" not in proc.stderr
+    runtime_env = tmp_path / "runtime_env.yaml"
+    runtime_env.write_text("env_vars:\n  WANDB_API_KEY: abc123\n")
+    proc = submit(str(job), "--runtime-env", str(runtime_env), "--dry-run", token=None, home=tmp_path)
+    assert proc.returncode == 2 and "env_vars.WANDB_API_KEY looks like a secret" in proc.stderr
+    assert "abc123" not in proc.stderr
+    runtime_env.write_text("pip:\n  packages: [platescope]\n  pip_install_options: "
+                           "['--index-url', 'https://ci:hunter2pw@pypi.internal/simple']\n")
+    proc = submit(str(job), "--runtime-env", str(runtime_env), "--dry-run", token=None, home=tmp_path)
+    assert proc.returncode == 2 and "holds a secret" in proc.stderr and "hunter2pw" not in proc.stderr
+
+
+def test_harmless_env_vars_pass(tmp_path, tiny_model):
+    import json
+
+    job = write_job(tmp_path / "job.yaml", input=["s3://footage/"], output="s3://detections/", model=tiny_model)
+    harmless = {"RAY_DATA_LOG_LEVEL": "INFO", "AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+                "OMP_NUM_THREADS": "4", "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0",
+                "RAY_AUTH_MODE": "token"}
+    args = [a for name, value in harmless.items() for a in ("--env", f"{name}={value}")]
+    proc = submit(str(job), *args, "--dry-run", token=None, home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["runtime_env"]["env_vars"] == harmless
+
+
+def test_a_job_file_with_a_secret_anywhere_is_refused(tmp_path, tiny_model):
+    for fields, where in [({"s3": {"access_key_id": "AKIAEXAMPLE"}}, "s3.access_key_id"),
+                          ({"s3": {"endpoint_url": "http://admin:hunter2pw@minio:9000"}}, "s3.endpoint_url"),
+                          ({"address": "ray://admin:hunter2pw@head:10001"}, "address")]:
+        job = write_job(tmp_path / "job.yaml", input=["s3://footage/"], output="s3://detections/", model=tiny_model,
+                        **fields)
+        proc = submit(str(job), "--dry-run", token=None, home=tmp_path)
+        assert proc.returncode == 2 and f"{where} would reach the cluster in plain text" in proc.stderr, proc.stderr
+        assert "hunter2pw" not in proc.stderr and "AKIAEXAMPLE" not in proc.stderr

@@ -141,3 +141,217 @@ def test_florence2_training_fields_are_checked_before_any_work():
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             build_config(TrainConfig, overrides=[*TRAIN, *overrides])
+
+
+# -- no error message shows a secret -------------------------------------------------------------
+
+SECRET = "wJalrXUtnFEMI-K7MDENG"
+BASE = {"input": ["a"], "output": "o", "model": "m"}
+
+
+@pytest.mark.parametrize("override", [
+    f"s3.secret-access-key={SECRET}",  # misspelt: not even a field name
+    f"s3.secret_acess_key={SECRET}",  # misspelt: an unknown field
+    f"s3.secret_access_key=[{SECRET}, x",  # bad YAML
+    f"s3.secret_access_key=[bad, {SECRET}]",
+    f"s3.access_key_id={{id: {SECRET}}}",
+    f"s3.secret_access_key={SECRET}",  # fine itself, but beside a bad field
+    f"address=ray://admin:{SECRET}@head:10001",  # a URL's password, whatever its field
+])
+def test_no_config_error_shows_a_secret(override):
+    with pytest.raises(ConfigError) as e:
+        build_config(DetectConfig, values=BASE, overrides=[override, "threshold=2"])
+    assert SECRET not in str(e.value) and "\n" not in str(e.value)
+    assert "threshold" in str(e.value) or "s3" in str(e.value) or "override" in str(e.value)
+
+
+@pytest.mark.parametrize("s3_section", [
+    f"s3:\n  secret_access_key: {SECRET}: x\n",  # mapping values not allowed: PyYAML quotes the line
+    f"s3:\n  secret_access_key: '{SECRET}\n",  # unterminated quote
+    f"s3: {{secret_access_key: {SECRET}\n",  # unterminated flow mapping
+    f"s3:\n  secret-acess-key: *{SECRET}\n",  # misspelt key, undefined alias named in the error
+    f"s3:\n  secret_access_key: [{SECRET}]\n",  # valid YAML, wrong type
+    f"s3:\n  endpoint_url: http://admin:{SECRET}@minio:9000\n  anon: maybe: not\n",
+])
+def test_a_job_file_error_never_quotes_a_secret(tmp_path, s3_section):
+    job = tmp_path / "job.yaml"
+    job.write_text("input: [a]\noutput: o\n" + s3_section)
+    with pytest.raises(ConfigError) as e:
+        build_config(DetectConfig, file=str(job))
+    message = str(e.value)
+    assert SECRET not in message and "\n" not in message, message
+    assert "job.yaml" in message
+    if "not valid YAML" in message:
+        assert "line " in message  # where, without the line's text
+
+
+def test_the_cli_masks_secrets_in_its_errors(tmp_path):
+    import subprocess
+    import sys
+
+    job = tmp_path / "job.yaml"
+    job.write_text(f"input: [a]\noutput: o\ns3:\n  secret_access_key: {SECRET}: x\n")
+    for args in (["--config", str(job)], ["--input", "a", "--output", "o", f"s3.secret-access-key={SECRET}"],
+                 ["--input", "a", "--output", "o", f"s3.secret_access_key=[{SECRET}, x", "strict=1"]):
+        proc = subprocess.run([sys.executable, "-m", "platescope", "detect", *args], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and SECRET not in proc.stdout + proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_resolved_config_masks_url_passwords():
+    cfg = build_config(DetectConfig, values=BASE, overrides=[f"s3.endpoint_url=http://minio:{SECRET}@h:9000"])
+    assert SECRET not in json.dumps(cfg.resolved())
+    assert cfg.s3.options().endpoint_url == f"http://minio:{SECRET}@h:9000"
+
+
+# -- one rule for what holds a secret ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [
+    "OPENAI_API_KEY", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "DATABASE_URL", "REDIS_URL", "AZURE_STORAGE_CONNECTION_STRING", "SLACK_WEBHOOK_URL", "HF_TOKEN",
+    "RAY_AUTH_TOKEN", "DB_PASSWORD", "MYSQL_PWD", "SENTRY_DSN", "GOOGLE_APPLICATION_CREDENTIALS",
+    "SSH_PRIVATE_KEY", "SESSION_SECRET", "AUTHORIZATION", "BASIC_AUTH", "secret_access_key", "access_key_id",
+    "s3.secret-access-key", "secretAccessKey", "apiKey", "s3.acess_key_id",
+])
+def test_secret_names(name):
+    from platescope.config import is_secret_name
+
+    assert is_secret_name(name)
+
+
+@pytest.mark.parametrize("name", [
+    "RAY_DATA_LOG_LEVEL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "OMP_NUM_THREADS", "PYTHONHASHSEED",
+    "TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE", "GIT_AUTHOR_NAME", "PYTHON_KEYRING_BACKEND", "PWD",
+    "PYTHONUNBUFFERED", "MLFLOW_TRACKING_URI", "max_new_tokens",
+])
+def test_harmless_names(name):
+    from platescope.config import is_secret_name
+
+    assert not is_secret_name(name)
+
+
+def test_only_the_s3_keys_among_config_fields_are_secret():
+    from platescope.config import EvaluateConfig, EvaluationOptions, LoraOptions, S3Config, TrainConfig, is_secret_name
+
+    secret = {f"{cls.__name__}.{name}" for cls in (DetectConfig, TrainConfig, EvaluateConfig, EvaluationOptions,
+                                                   LoraOptions, S3Config)
+              for name in cls.model_fields if is_secret_name(name)}
+    assert secret == {"S3Config.access_key_id", "S3Config.secret_access_key"}
+
+
+# -- strict types; string fields take what was written -------------------------------------------
+
+
+@pytest.mark.parametrize("override", ["input=", "input=[a, '']", "input=' '"])
+def test_an_empty_input_fails_naming_input(override):
+    with pytest.raises(ConfigError, match=r"\): input(\.\d)?: .*must not be empty"):
+        build_config(DetectConfig, values={"output": "o", "model": "m"}, overrides=[override])
+
+
+def test_an_empty_input_in_a_job_file_or_flag_fails_naming_input(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text('input: [""]\noutput: o\nmodel: m\n')
+    with pytest.raises(ConfigError, match=r"input\.0: .*must not be empty"):
+        build_config(DetectConfig, file=str(job))
+    with pytest.raises(ConfigError, match=r"input\.0: .*must not be empty"):
+        parse(["--input", "", "--output", "o", "--model", "m"])
+    with pytest.raises(ConfigError, match=r"evaluate\.input_root\.0: .*must not be empty"):
+        build_config(DetectConfig, values=BASE, overrides=["evaluate.ground_truth=g", "evaluate.input_root="])
+
+
+@pytest.mark.parametrize(("override", "field", "kind"), [
+    ("threshold=true", "threshold", "number"), ("threshold='0.5'", "threshold", "number"),
+    ("video_fps=yes", "video_fps", "number"), ("max_error_fraction=false", "max_error_fraction", "number"),
+    ("num_gpus_per_actor=true", "num_gpus_per_actor", "number"), ("batch_size=true", "batch_size", "integer"),
+    ("batch_size=16.0", "batch_size", "integer"), ("max_pixels='100'", "max_pixels", "integer"),
+    ("strict='true'", "strict", "boolean"), ("incremental=1", "incremental", "boolean"),
+    ("progress='1'", "progress", "boolean"), ("s3.anon=1", "s3.anon", "boolean"),
+    ("evaluate.score_threshold=true", "evaluate.score_threshold", "number"),
+    ("evaluate.num_worst_images=true", "evaluate.num_worst_images", "integer"),
+])
+def test_numbers_and_booleans_are_strict(override, field, kind):
+    with pytest.raises(ConfigError) as e:
+        build_config(DetectConfig, values=BASE, overrides=["evaluate.ground_truth=g", override])
+    assert f"): {field}: Input should be a valid {kind}" in str(e.value)
+
+
+@pytest.mark.parametrize(("cls", "values", "override", "field"), [
+    ("TrainConfig", TRAIN + ["preset=p"], "learning_rate=true", "learning_rate"),
+    ("TrainConfig", TRAIN + ["preset=p"], "use_gpu=1", "use_gpu"),
+    ("TrainConfig", TRAIN + ["preset=p"], "num_workers=2.0", "num_workers"),
+    ("TrainConfig", TRAIN + ["detector=florence2", "model=m"], "lora.alpha=true", "lora.alpha"),
+    ("TrainConfig", TRAIN + ["detector=florence2", "model=m"], "lora.r='8'", "lora.r"),
+    ("EvaluateConfig", ["detections=d", "ground_truth=g"], "score_threshold=true", "score_threshold"),
+    ("EvaluateConfig", ["detections=d", "ground_truth=g"], "s3.anon='yes'", "s3.anon"),
+])
+def test_other_configs_are_strict_too(cls, values, override, field):
+    from platescope import config
+
+    with pytest.raises(ConfigError, match=rf"\): {field}: Input should be a valid"):
+        build_config(getattr(config, cls), overrides=[*values, override])
+
+
+def test_yaml_numbers_still_fill_number_fields(tmp_path):
+    from platescope.config import TrainConfig
+
+    job = tmp_path / "job.yaml"
+    job.write_text("input: [a]\noutput: o\nmodel: m\nthreshold: 1\nvideo_fps: 2\nmax_error_fraction: 0\n"
+                   "strict: true\nincremental: yes\n")
+    cfg = build_config(DetectConfig, file=str(job), overrides=["batch_size=16", "num_cpus_per_actor=2",
+                                                               "evaluate.ground_truth=g", "evaluate.score_threshold=1"])
+    assert (cfg.threshold, cfg.video_fps, cfg.max_error_fraction) == (1.0, 2.0, 0.0)
+    assert cfg.strict is True and cfg.incremental is True and cfg.batch_size == 16
+    # YAML 1.1 reads 1e-4 as a string; written plainly it is a number all the same (quoted it is not)
+    cfg = build_config(TrainConfig, overrides=[*TRAIN, "preset=p", "learning_rate=1e-4"])
+    assert cfg.learning_rate == 1e-4
+    # flags argparse typed
+    cfg = parse(["--input", "a", "--output", "o", "--threshold", "1", "--batch-size", "2", "--strict"])
+    assert cfg.threshold == 1.0 and cfg.batch_size == 2 and cfg.strict is True
+
+
+def test_a_dumped_config_validates_again_as_workers_do():
+    from platescope.config import TrainConfig
+
+    cfg = build_config(TrainConfig, overrides=[*TRAIN, "detector=florence2", "model=m", "lora.alpha=16"])
+    assert TrainConfig.model_validate(cfg.model_dump(mode="json")).lora.alpha == 16.0
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("run_id=20261121", "20261121"), ("run_id=2026-11-21", "2026-11-21"), ("run_id=true", "true"),
+    ("run_id=1.50", "1.50"), ("run_id=0x1F", "0x1F"),
+])
+def test_a_string_field_takes_the_override_as_written(override, expected):
+    assert build_config(DetectConfig, values=BASE, overrides=[override]).run_id == expected
+
+
+def test_string_fields_take_numbers_as_written_everywhere(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("input: [20261121, s3://footage/]\noutput: 2026\nmodel: m\nrun_id: 007\n")
+    cfg = build_config(DetectConfig, file=str(job))
+    assert cfg.input == ["20261121", "s3://footage/"] and cfg.output == "2026" and cfg.run_id == "007"
+    assert parse(["--input", "a", "--output", "o", "--run-id", "20261121"]).run_id == "20261121"
+    assert build_config(DetectConfig, values=BASE, overrides=["input=20261121"]).input == ["20261121"]
+    cfg = build_config(DetectConfig, values=BASE, overrides=["s3.secret_access_key=[odd", "s3.region=1"])
+    assert cfg.s3.options().secret_access_key == "[odd" and cfg.s3.region == "1"
+
+
+def test_the_cli_is_strict_and_takes_a_numeric_run_id(tmp_path):
+    import subprocess
+    import sys
+
+    def detect(*args):
+        return subprocess.run([sys.executable, "-m", "platescope", "detect", "--input", str(tmp_path / "none"),
+                               "--output", str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=120)
+
+    for args, message in [(["threshold=true"], "threshold: Input should be a valid number"),
+                          (["input="], "input.0: Value error, must not be empty"),
+                          (["--input", ""], "input.0: Value error, must not be empty")]:
+        proc = detect(*args)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    # a numeric run id passes the config and the run stops only at its missing input
+    for args in (["run_id=20261121"], ["--run-id", "20261121"]):
+        proc = detect(*args)
+        assert proc.returncode == 2 and "invalid config" not in proc.stderr, proc.stderr
+        assert "none: does not exist" in proc.stderr, proc.stderr

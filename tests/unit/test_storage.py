@@ -176,3 +176,21 @@ def test_a_write_killed_before_its_rename_leaves_only_a_hidden_file(tmp_path, mo
     leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "part-0.parquet")
     assert leftovers and all(name.startswith(".") for name in leftovers)
     assert pq.read_table(tmp_path).num_rows == 2  # a Parquet reader of the folder skips it
+
+
+def test_s3_options_never_show_their_keys_yet_pickle_whole():
+    """S3Options rides in Ray task and actor arguments and Ray Train's loop config: printed in a log
+    line or a traceback (alone or inside the dicts that carry it) it must not show the keys."""
+    import pickle
+    import pprint
+
+    opts = storage.S3Options(endpoint_url="http://minio:hunter2-in-url@127.0.0.1:9000", region="us-east-1",
+                             access_key_id="AKIAEXAMPLEKEYID", secret_access_key="wJalrXUtnFEMI-secret")
+    for shown in (repr(opts), str(opts), f"{opts}", pprint.pformat(opts), repr({"s3": opts}), str([opts])):
+        assert "wJalrXUtnFEMI-secret" not in shown and "AKIAEXAMPLEKEYID" not in shown, shown
+        assert "hunter2-in-url" not in shown, shown
+        assert "127.0.0.1:9000" in shown and "us-east-1" in shown  # what is not secret still helps
+    assert repr(storage.S3Options()).count("None") == 4  # unset keys say so
+    back = pickle.loads(pickle.dumps(opts))  # Ray pickles it to the workers: the keys must arrive
+    assert back == opts and back.secret_access_key == "wJalrXUtnFEMI-secret"
+    assert back.fs_kwargs()["secret"] == "wJalrXUtnFEMI-secret"
