@@ -1,19 +1,27 @@
 """The `platescope` command: one verb per job.
 
 Flags and `key=value` overrides both set config fields; a YAML job file (--config) gives the rest.
-Precedence: job file < flags < key=value. Exit codes: 0 done, 1 the run finished above its error
-budget, 2 the job could not start (bad config, unreadable input, unwritable output, missing model,
-unreadable labels) or its detections could not be evaluated (empty table, label mismatch).
+Precedence: job file < flags < key=value. Exit codes of `detect` (README.md, "Exit codes"):
+0 done; 1 the run finished above its error budget; 2 the job could not start (bad config,
+unreadable input, unwritable output, missing model, unreadable labels, settings that differ from
+the run's first start, resources no node can grant, another driver running the run id) or its
+detections could not be evaluated; 3 storage was unreachable or failed (a rerun resumes); 4 the run
+stopped on an unexpected error (a rerun resumes). Each error is one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 EXIT_ERROR_BUDGET = 1
 EXIT_CANNOT_START = 2
+EXIT_STORAGE_FAILED = 3
+EXIT_FAILED = 4
+TRACEBACK_ENV = "PLATESCOPE_TRACEBACK"  # "1": an unexpected error also prints its traceback
 
 # flag -> config field; flags left unset do not override the job file.
 DETECT_FLAGS = {
@@ -138,21 +146,36 @@ def detect_config_from_args(args: argparse.Namespace):
     return build_config(DetectConfig, file=args.config, values=values, overrides=args.overrides)
 
 
+def _error_line(message: str) -> str:
+    return " ".join(str(message).split())  # one line, whatever the message held
+
+
 def _cmd_detect(args: argparse.Namespace) -> int:
     from platescope.config import ConfigError
     from platescope.evaluation.run import EVALUATION_ERRORS, format_result
+    from platescope.pipeline.errors import StorageFailure, describe
     from platescope.pipeline.run import PreflightError, run_detect
     from platescope.pipeline.summary import format_summary
 
     try:
         cfg = detect_config_from_args(args)
         result = run_detect(cfg)
+    except StorageFailure as e:  # before PreflightError: StorageUnreachable is both
+        print(f"platescope detect: error: {_error_line(e)}", file=sys.stderr)
+        return EXIT_STORAGE_FAILED
     except (ConfigError, PreflightError) as e:
-        print(f"platescope detect: error: {e}", file=sys.stderr)
+        print(f"platescope detect: error: {_error_line(e)}", file=sys.stderr)
         return EXIT_CANNOT_START
     except EVALUATION_ERRORS as e:  # the detections are written; only scoring them failed
-        print(f"platescope detect: error: the run finished but cannot be evaluated: {e}", file=sys.stderr)
+        print(f"platescope detect: error: the run finished but cannot be evaluated: {_error_line(e)}",
+              file=sys.stderr)
         return EXIT_CANNOT_START
+    except Exception as e:  # noqa: BLE001 - a bug or a lost cluster: still one line, and an exit code
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            traceback.print_exc()
+        print(f"platescope detect: error: the run stopped: {describe(e)} (rerun the same command to "
+              f"resume; {TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+        return EXIT_FAILED
     print(format_summary(result.summary))
     if result.evaluation is not None:
         print(format_result(result.evaluation, result.reports or {}))

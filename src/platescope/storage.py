@@ -227,3 +227,167 @@ def arrow_filesystem(uri: str, s3: S3Options | None = None):
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem(), path
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+# -- Conditional writes: the primitive a run's ownership lease is built on -------------------------
+#
+# A version is an opaque string that changes whenever the object changes: the ETag on S3, a hash of
+# the content on local disk. On S3 the conditions are the server's (`If-None-Match: *`, `If-Match`),
+# so they hold across machines; AWS S3, SeaweedFS and MinIO enforce them. On local disk a create is
+# os.link of a complete temporary file (atomic, fails if the name exists) and a compare-and-replace
+# holds an flock on the folder while it reads, compares and renames, so it is atomic among
+# processes of any host whose filesystem honours flock (local disks; NFSv4).
+
+
+class PreconditionFailed(Exception):
+    """The object is not at the version the caller named (changed, replaced or removed meanwhile)."""
+
+
+def _content_version(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+class _FolderLock:
+    """flock on a local folder: serialises read-compare-write sequences on the files in it."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.fd: int | None = None
+
+    def __enter__(self) -> _FolderLock:
+        import fcntl
+
+        self.fd = os.open(self.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
+def _s3_precondition_failed(err: BaseException) -> bool:
+    """Whether err (as s3fs raises it, the botocore error as its cause) is HTTP 412."""
+    seen: BaseException | None = err
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "412") or status == 412:
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _s3_call(uri: str, s3: S3Options | None, method: str, **kwargs: Any) -> dict[str, Any]:
+    fs, path = filesystem(uri, s3)
+    bucket, key, _ = fs.split_path(path)
+    return fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
+
+
+def create_exclusive(uri: str, data: bytes, s3: S3Options | None = None) -> str:
+    """Create the object only if nothing is there; returns its version. Raises FileExistsError if
+    something is (a concurrent creator included: exactly one of them succeeds)."""
+    fs, path = filesystem(uri, s3)
+    if isinstance(fs, LocalFileSystem):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = _write_hidden_sibling(path, data)
+        try:
+            with _FolderLock(folder):
+                os.link(tmp, path)  # FileExistsError when the name is taken
+        finally:
+            os.unlink(tmp)
+        return _content_version(data)
+    try:
+        out = _s3_call(uri, s3, "put_object", Body=data, IfNoneMatch="*")
+    except Exception as e:
+        if _s3_precondition_failed(e) or isinstance(e, FileExistsError):
+            raise FileExistsError(f"{uri}: already exists") from None
+        raise
+    return str(out.get("ETag", ""))
+
+
+def read_versioned(uri: str, s3: S3Options | None = None) -> tuple[bytes, str]:
+    """The object's bytes and their version, read in one request. Raises FileNotFoundError."""
+    fs, path = filesystem(uri, s3)
+    if isinstance(fs, LocalFileSystem):
+        with open(path, "rb") as f:
+            data = f.read()
+        return data, _content_version(data)
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(path)
+
+    async def get() -> tuple[bytes, str]:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        body = response["Body"]
+        try:
+            return await body.read(), str(response.get("ETag", ""))
+        finally:
+            body.close()
+
+    return sync(fs.loop, get)
+
+
+def replace_if_version(uri: str, data: bytes, version: str, s3: S3Options | None = None) -> str:
+    """Overwrite the object only if it is still at `version`; returns the new version. Raises
+    PreconditionFailed if it changed or is gone."""
+    fs, path = filesystem(uri, s3)
+    if isinstance(fs, LocalFileSystem):
+        tmp = _write_hidden_sibling(path, data)
+        try:
+            with _FolderLock(os.path.dirname(path)):
+                _check_version(uri, version)
+                os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return _content_version(data)
+    return str(_s3_if_match(uri, s3, "put_object", version, Body=data).get("ETag", ""))
+
+
+def delete_if_version(uri: str, version: str, s3: S3Options | None = None) -> None:
+    """Delete the object only if it is still at `version`. Raises PreconditionFailed otherwise."""
+    fs, path = filesystem(uri, s3)
+    if isinstance(fs, LocalFileSystem):
+        with _FolderLock(os.path.dirname(path)):
+            _check_version(uri, version)
+            os.unlink(path)
+        return
+    _s3_if_match(uri, s3, "delete_object", version)
+
+
+def _write_hidden_sibling(path: str, data: bytes) -> str:
+    """`data` in a hidden temporary file beside `path`, flushed to disk; returns its path."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _check_version(uri: str, version: str) -> None:
+    """Raise PreconditionFailed unless the local file is at `version` (call under its _FolderLock)."""
+    try:
+        current = read_versioned(uri)[1]
+    except FileNotFoundError:
+        raise PreconditionFailed(f"{uri}: gone") from None
+    if current != version:
+        raise PreconditionFailed(f"{uri}: changed")
+
+
+def _s3_if_match(uri: str, s3: S3Options | None, method: str, version: str, **kwargs: Any) -> dict[str, Any]:
+    try:
+        return _s3_call(uri, s3, method, IfMatch=version, **kwargs)
+    except FileNotFoundError:
+        raise PreconditionFailed(f"{uri}: gone") from None
+    except Exception as e:
+        if _s3_precondition_failed(e):
+            raise PreconditionFailed(f"{uri}: changed") from None
+        raise

@@ -153,3 +153,123 @@ def test_address_joins_a_running_ray_cluster(tmp_path, tiny_model, scenes, ray_h
     summary = json.loads((tmp_path / "out" / "joined" / "summary.json").read_text())
     assert summary["rows"] == 8 and summary["errors"] == 0
     assert summary["num_gpus_per_actor"] == 1.0
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("platescope detect: error:")]
+
+
+def _images(folder, n, seed):
+    samples.write_image_dataset(str(folder), n, seed=seed, size=(320, 240))
+    os.remove(folder / "annotations.json")
+    return folder
+
+
+def test_two_drivers_on_one_run_id_one_owns_it_and_the_run_stays_consistent(tmp_path, tiny_model):
+    """A nightly job overlapping the previous one: same run id, different listings, started together."""
+    big = _images(tmp_path / "big", 30, seed=21)
+    small = _images(tmp_path / "small", 5, seed=22)
+    out = tmp_path / "out"
+
+    def driver(inputs):
+        return subprocess.Popen([*CLI, "detect", "--input", str(inputs), "--model", tiny_model, "--output", str(out),
+                                 "--run-id", "twice", "--no-progress", "--batch-size", "1", "num_inputs_per_shard=1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    drivers = [driver(big), driver(small)]
+    results = [(p, *p.communicate(timeout=480)) for p in drivers]
+    codes = sorted(p.returncode for p, _, _ in results)
+    assert codes == [0, 2], [(p.returncode, err[-2000:]) for p, _, err in results]
+    (winner, _, _), = [r for r in results if r[0].returncode == 0]
+    (_, _, refused), = [r for r in results if r[0].returncode == 2]
+    assert len(refused.strip().splitlines()) == 1, refused
+    assert "run twice" in refused and "is being run by another driver" in refused
+    assert f"pid {winner.pid}" in refused and "since 20" in refused and "host " in refused
+    run_dir = out / "twice"
+    manifest = pq.read_table(run_dir / "manifest.parquet").column("uri").to_pylist()
+    rows = pq.read_table(run_dir / "data").column("source_uri").to_pylist()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(rows) == sorted(manifest)  # every row is an input of the manifest, once
+    assert summary["inputs"] == summary["rows"] == len(manifest) and summary["complete"]
+    assert not (run_dir / "lock.json").exists()
+
+
+def test_resume_with_settings_that_change_rows_refuses_before_any_work(tmp_path, tiny_model, scenes):
+    out = tmp_path / "out"
+    base = ["detect", "--input", str(scenes), "--model", tiny_model, "--output", str(out), "--run-id", "fp",
+            "--no-progress", "--threshold", "0.2"]
+    first = run_cli(*base)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = out / "fp"
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "data").iterdir()}
+
+    changed = run_cli(*base, "--threshold", "0.5", "max_pixels=1000", "--video-fps", "2", timeout=60)
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    lines = changed.stderr.strip().splitlines()
+    assert len(lines) == 1, changed.stderr
+    assert "run fp" in lines[0] and "threshold 0.2 -> 0.5" in lines[0] and "max_pixels 100000000 -> 1000" in lines[0]
+    assert "video_fps 1.0 -> 2.0" in lines[0] and "batch_size" not in lines[0]
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "data").iterdir()} == before
+    assert json.loads((run_dir / "config.json").read_text())["threshold"] == 0.2
+
+    # Settings that do not change rows may differ; the inputs are the manifest's, not a new listing.
+    again = run_cli(*base, "--batch-size", "2", "--input", str(tmp_path / "gone"), "--max-error-fraction", "0.5")
+    assert again.returncode == 0, again.stderr[-3000:]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["batch_size"] == 2 and config["input"] == [str(scenes)] and config["threshold"] == 0.2
+    fingerprint = json.loads((run_dir / "fingerprint.json").read_text())["fields"]
+    assert fingerprint["threshold"] == 0.2 and len(fingerprint["model_weights"]) == 12
+    assert pq.read_table(run_dir / "data").num_rows == 8
+
+
+def test_a_file_name_that_is_not_utf8_is_processed(tmp_path, tiny_model, scenes):
+    """Local names are bytes; one that is not UTF-8 is stored %-escaped as a file:// URI and read back."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    good, other = sorted(scenes.iterdir())[:2]
+    (inputs / good.name).write_bytes(good.read_bytes())
+    bad = os.path.join(os.fsencode(inputs), b"bad\xff name%.jpg")
+    with open(bad, "wb") as f:
+        f.write(other.read_bytes())
+    proc = run_cli("detect", "--input", str(inputs), "--model", tiny_model, "--output", str(tmp_path / "out"),
+                   "--run-id", "bytes", "--no-progress", "--threshold", "0.0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["source_uri"]: r for r in pq.read_table(tmp_path / "out" / "bytes" / "data").to_pylist()}
+    escaped = f"file://{inputs}/bad%FF name%25.jpg"
+    assert set(rows) == {str(inputs / good.name), escaped}
+    assert rows[escaped]["error"] is None and (rows[escaped]["width"], rows[escaped]["height"]) == (320, 240)
+    assert rows[escaped]["scores"]  # detected like any other image
+    manifest = pq.read_table(tmp_path / "out" / "bytes" / "manifest.parquet").column("uri").to_pylist()
+    assert escaped in manifest
+    from platescope.sources.manifest import open_uri
+
+    assert os.fsencode(open_uri(escaped)) == bad  # lossless: the URI names exactly that file
+
+
+def test_impossible_resources_fail_before_any_work(tmp_path, tiny_model, scenes):
+    proc = run_cli("detect", "--input", str(scenes), "--model", tiny_model, "--output", str(tmp_path / "out"),
+                   "--run-id", "huge", "--no-progress", "num_cpus_per_actor=1e9", timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = _error_lines(proc.stderr)
+    assert "num_cpus_per_actor 1e+09: no node can hold a detector actor" in line
+    assert f"the largest node has {os.cpu_count()} CPUs and 0 GPUs" in line
+    assert not (tmp_path / "out" / "huge").exists()  # no manifest, no lease left behind
+
+
+def test_an_unexpected_failure_during_the_run_still_prints_one_error_line(tmp_path, tiny_model, scenes):
+    """Ray is shut down on the way out; the error line must still be printed, with its own exit code."""
+    code = ("import sys\n"
+            "from platescope.pipeline import sink\n"
+            "def boom(self, batch):\n"
+            "    raise RuntimeError('sink exploded')\n"
+            "sink.ShardSink.add = boom\n"
+            "from platescope.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, "detect", "--input", str(scenes), "--model", tiny_model,
+                           "--output", str(tmp_path / "out"), "--run-id", "boom", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    (line,) = _error_lines(proc.stderr)
+    assert "the run stopped: RuntimeError: sink exploded" in line
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "boom" / "lock.json").exists()  # released on the way out

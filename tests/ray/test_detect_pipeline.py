@@ -220,3 +220,69 @@ def test_florence2_runs_through_the_same_pipeline_and_table(tmp_path, mixed_inpu
     assert row["error"] is None and row["model"].startswith(model + "@") and row["labels"] == ["licence plate"]
     np.testing.assert_allclose(np.array(row["boxes"]).reshape(-1, 4), direct.boxes, atol=1e-4)
     assert row["labels"] == direct.labels
+
+
+def _perturbed_copy(model_dir: str, dest: Path) -> None:
+    """The same model with every weight nudged: another weights hash, same config."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, dest)
+    weights = load_file(str(dest / "model.safetensors"))
+    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in weights.items()}, str(dest / "model.safetensors"))
+
+
+def test_resume_refuses_other_weights_and_adopts_a_run_without_fingerprint(tmp_path, tiny_model, scene_dir):
+    from platescope.detectors.loading import hash_weights
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    cfg = config(tmp_path, [str(scene_dir)], str(model), run_id="weights")
+    run_detect(cfg)
+    run_dir = tmp_path / "out" / "weights"
+    recorded = json.loads((run_dir / "fingerprint.json").read_text())["fields"]
+    rows = read_rows(str(run_dir))
+    assert {r["model"] for r in rows} == {f"{model}@{recorded['model_weights']}"}  # as the detector names it
+
+    shutil.rmtree(model)
+    _perturbed_copy(tiny_model, model)  # same path, new weights
+    new_hash = hash_weights(str(model))
+    with pytest.raises(PreflightError, match=f"model_weights \"{recorded['model_weights']}\" -> \"{new_hash}\""):
+        run_detect(cfg)
+    assert json.loads((run_dir / "fingerprint.json").read_text())["fields"] == recorded
+
+    # A run folder from before fingerprints: accepted, and from now on held to this config's.
+    (run_dir / "fingerprint.json").unlink()
+    again = run_detect(cfg.model_copy(update={"batch_size": 2})).summary
+    assert again["shards_resumed"] == again["shards"]
+    assert json.loads((run_dir / "fingerprint.json").read_text())["fields"]["model_weights"] == new_hash
+    with pytest.raises(PreflightError, match="threshold 0.0 -> 0.7"):
+        run_detect(cfg.model_copy(update={"threshold": 0.7}))
+
+
+def test_s3_model_weights_hash_matches_the_detectors(tmp_path, tiny_model, scene_dir, s3_env, s3_bucket):
+    """The fingerprint hashes an s3:// model by streaming it; the detector hashes its downloaded copy."""
+    from platescope.pipeline.fingerprint import weights_id
+
+    for name in os.listdir(tiny_model):
+        storage.write_bytes_atomic(f"{s3_bucket}/models/tiny/{name}", (Path(tiny_model) / name).read_bytes())
+    storage.write_bytes_atomic(f"{s3_bucket}/models/tiny/sub/ignored.safetensors", b"not top level")
+    from platescope.detectors.loading import hash_weights
+
+    assert weights_id("model", f"{s3_bucket}/models/tiny", None) == hash_weights(tiny_model)
+    assert weights_id("model", f"{s3_bucket}/models/tiny/", None) == hash_weights(tiny_model)  # cached now
+
+
+def test_resources_no_node_can_grant_fail_before_the_manifest(tmp_path, tiny_model, scene_dir):
+    cases = {"num_gpus_per_actor": (8, "num_gpus_per_actor 8: no node can hold a detector actor; the largest "
+                                       "node has 2 CPUs and 0 GPUs"),
+             "num_cpus_per_decoder": (64, "num_cpus_per_decoder 64: no node can run a decode task"),
+             "num_cpus_per_actor": (2, "num_cpus_per_actor 2: no node holds a detector actor beside a decode task"),
+             "num_actors_min": (3, "num_actors_min 3: the cluster holds at most 1 detector actors")}
+    for field, (value, message) in cases.items():
+        update = {field: value}
+        if field == "num_actors_min":
+            update["num_actors_max"] = value
+        cfg = config(tmp_path, [str(scene_dir)], tiny_model, run_id=f"res-{field}", **update)
+        with pytest.raises(PreflightError, match=message):
+            run_detect(cfg)
+        assert not (tmp_path / "out" / f"res-{field}").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,3 +85,26 @@ def test_sink_writes_a_shard_only_when_whole_and_ignores_retried_rows(tmp_path):
     assert marker["rows"] == 3 and marker["detections"] == 3 and marker["images"] == 3
     assert marker["errors"] == 2 and marker["errors_by_kind"] == {"empty_file": 2}
     assert m.done_shards(str(tmp_path), None) == {"i000000": marker}
+
+
+def test_a_name_that_is_not_utf8_is_listed_escaped_and_opens_again(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    raw = os.path.join(os.fsencode(folder), b"caf\xe9 100%.jpg")  # Latin-1 bytes, not UTF-8
+    with open(raw, "wb") as f:
+        f.write(b"x")
+    touch(folder / "ümlaut 車.jpg")
+    man = m.list_inputs([str(folder)], s3=None, strict=False, num_inputs_per_shard=8)
+    uris = sorted(e["uri"] for e in man.entries)
+    assert uris == sorted([f"{folder}/ümlaut 車.jpg", f"file://{folder}/caf%E9 100%25.jpg"])
+    for uri in uris:
+        assert os.path.exists(m.open_uri(uri))
+    assert os.fsencode(m.open_uri(f"file://{folder}/caf%E9 100%25.jpg")) == raw
+    run_dir = str(tmp_path / "out" / "r")
+    m.write(run_dir, man, None)  # UTF-8 throughout: Parquet takes it
+    assert m.load(run_dir, None).entries == man.entries
+
+
+def test_manifest_uri_leaves_every_utf8_uri_as_it_is():
+    for uri in ["/a/b c/ümlaut 車.jpg", "/a/100%.jpg", "s3://b/a b#c%20d.jpg", "file:///x"]:
+        assert m.manifest_uri(uri) == uri

@@ -3,12 +3,19 @@
 The manifest is written to `<run>/manifest.parquet` before any work; a rerun of the same run id reads
 it back instead of listing again, so a resumed run processes exactly the inputs the first attempt saw.
 Images are grouped `num_inputs_per_shard` to a shard; each video is a shard of its own.
+
+URIs in the manifest (and so in the table) are UTF-8 strings. A local file name that is not valid
+UTF-8 (bytes from another encoding, which Python carries as lone surrogates) is stored losslessly as
+a `file://` URI with those bytes, and '%', percent-escaped (`file:///in/bad%FF.jpg`); `open_uri`
+gives back the path to read. Every other URI is stored as listed.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +34,30 @@ IMAGE_SHARD_PREFIX = "i"
 
 def is_video_shard(shard: str) -> bool:
     return shard.startswith(VIDEO_SHARD_PREFIX)
+
+
+ESCAPED_PREFIX = "file://"
+
+
+def _undecodable(text: str) -> bool:
+    return any("\udc80" <= c <= "\udcff" for c in text)
+
+
+def manifest_uri(uri: str) -> str:
+    """How a listed URI is stored: as it is, or, for a local path holding bytes that are not UTF-8,
+    a file:// URI with those bytes and '%' percent-escaped (the rest stays readable)."""
+    if not _undecodable(uri):
+        return uri
+    escaped = "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else "%25" if c == "%" else c
+                      for c in uri)
+    return ESCAPED_PREFIX + escaped
+
+
+def open_uri(uri: str) -> str:
+    """The URI or path storage reads for a manifest URI (the inverse of manifest_uri)."""
+    if uri.startswith(ESCAPED_PREFIX):
+        return os.fsdecode(urllib.parse.unquote_to_bytes(uri[len(ESCAPED_PREFIX):]))
+    return uri
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -82,27 +113,30 @@ def list_inputs(
     manifest = Manifest()
     seen: set[str] = set()
     for root in inputs:
+        shown = manifest_uri(root)
         try:
             objects = storage.list_objects(root, s3)
         except FileNotFoundError:
-            raise ValueError(f"input {root}: does not exist") from None
+            raise ValueError(f"input {shown}: does not exist") from None
         except Exception as e:  # noqa: BLE001 - credentials, DNS, permissions: all one clear line
-            raise ValueError(f"input {root}: cannot be listed ({type(e).__name__}: {e})") from None
+            # The cause stays chained: the caller tells unreachable storage from a bad input by it.
+            raise ValueError(f"input {shown}: cannot be listed ({type(e).__name__}: {e})") from e
         if not objects:
-            raise ValueError(f"input {root}: is empty")
+            raise ValueError(f"input {shown}: is empty")
         for obj in objects:
-            if obj.uri in seen:  # overlapping inputs must not give two rows for one object
+            uri = manifest_uri(obj.uri)
+            if uri in seen:  # overlapping inputs must not give two rows for one object
                 continue
-            seen.add(obj.uri)
-            kind = media_kind(obj.uri)
+            seen.add(uri)
+            kind = media_kind(uri)
             if kind is None:
                 if not strict:
                     manifest.num_skipped += 1
                     continue
                 kind = "unsupported"
             manifest.entries.append(
-                {"uri": obj.uri, "kind": kind, "size": obj.size, "version": obj.version,
-                 "input_root": root, "shard": ""}
+                {"uri": uri, "kind": kind, "size": obj.size, "version": obj.version,
+                 "input_root": shown, "shard": ""}
             )
     if exclude is not None:
         finished = exclude({e["uri"] for e in manifest.entries})
@@ -123,13 +157,27 @@ def _assign_shards(entries: list[dict], num_inputs_per_shard: int) -> None:
             num_images += 1
 
 
+def load(run_dir: str, s3: S3Options | None) -> Manifest | None:
+    """The run's manifest, or None when it has none yet (one request either way)."""
+    try:
+        data = storage.read_bytes(storage.join(run_dir, MANIFEST_FILE), s3)
+    except FileNotFoundError:
+        return None
+    return Manifest.from_parquet_bytes(data)
+
+
+def write(run_dir: str, manifest: Manifest, s3: S3Options | None) -> None:
+    storage.write_bytes_atomic(storage.join(run_dir, MANIFEST_FILE), manifest.to_parquet_bytes(), s3)
+
+
 def load_or_create(run_dir: str, create, s3: S3Options | None) -> tuple[Manifest, bool]:
-    """The run's manifest and whether it already existed (a resumed run)."""
-    uri = storage.join(run_dir, MANIFEST_FILE)
-    if storage.exists(uri, s3):
-        return Manifest.from_parquet_bytes(storage.read_bytes(uri, s3)), True
+    """The run's manifest and whether it already existed (a resumed run). Only for a caller that
+    owns the run (pipeline.ownership): two creators would each write their own."""
+    manifest = load(run_dir, s3)
+    if manifest is not None:
+        return manifest, True
     manifest = create()
-    storage.write_bytes_atomic(uri, manifest.to_parquet_bytes(), s3)
+    write(run_dir, manifest, s3)
     return manifest, False
 
 
