@@ -321,6 +321,9 @@ class DetectConfig(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="model dtype")
     trust_remote_code: bool = Field(False, description="allow model code from the model dir/hub")
     allow_unsafe_weights: bool = Field(False, description="allow pickle (.bin) weights, not just safetensors")
+    jpeg_draft: bool = Field(
+        False, description="decode JPEGs at 1/2, 1/4 or 1/8 scale when the model's input is that much smaller "
+        "(faster; pixels differ slightly from a full decode)")
     progress: bool = Field(True, description="show a progress bar")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials")
     evaluate: EvaluationOptions | None = Field(

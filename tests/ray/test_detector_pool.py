@@ -3,7 +3,9 @@ itself fails on, an autoscaling pool, and threads decided on the actor's node.""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,25 +23,44 @@ def read_rows(run_dir) -> list[dict]:
     return pq.read_table(os.path.join(run_dir, "data")).to_pylist()
 
 
-def test_an_image_the_model_fails_on_is_one_detector_failed_row(tmp_path, tiny_model):
-    """A 1 x 3000 strip is a valid PNG, but the YOLOS processor scales it (longest edge 224) to a
-    height of 0 and raises: that image becomes an error row, its batch neighbours are detected."""
+def _model_without_known_geometry(tiny_model: str, dest) -> str:
+    """The tiny model with its processor config missing `resample` (the processor takes its class
+    default): the decode tasks cannot know the geometry, so images reach the detector whole and its
+    own processor prepares them."""
+    shutil.copytree(tiny_model, dest)
+    config_path = dest / "preprocessor_config.json"
+    config = json.loads(config_path.read_text())
+    del config["resample"]
+    config_path.write_text(json.dumps(config))
+    return str(dest)
+
+
+@pytest.mark.parametrize("geometry", ["unknown", "known"])
+def test_an_image_the_model_cannot_take_is_one_error_row(tmp_path, tiny_model, geometry):
+    """A 1 x 3000 strip is a valid PNG, but the YOLOS geometry (longest edge 224) scales it to a
+    height of 0. Where the detector's processor meets it, the model fails on it alone: one
+    detector_failed row while its batch neighbours are detected. Where the decode tasks know the
+    geometry, they find it first: one too_small row."""
+    model = tiny_model if geometry == "known" else _model_without_known_geometry(tiny_model, tmp_path / "m")
     folder = tmp_path / "in"
     samples.write_image_dataset(str(folder), 4, seed=11, size=(320, 240))
     os.remove(folder / "annotations.json")
     Image.fromarray(np.full((1, 3000, 3), 200, np.uint8)).save(folder / "strip.png")
     # One shard, one batch: the strip arrives in a batch with the four scenes.
-    cfg = DetectConfig(input=[str(folder)], output=str(tmp_path / "out"), model=tiny_model, run_id="fails",
+    cfg = DetectConfig(input=[str(folder)], output=str(tmp_path / "out"), model=model, run_id="fails",
                        threshold=0.0, progress=False, batch_size=8, num_inputs_per_shard=8,
                        max_error_fraction=1.0)
     summary = run_detect(cfg).summary
     rows = {os.path.basename(r["source_uri"]): r for r in read_rows(tmp_path / "out" / "fails")}
     assert sorted(rows) == sorted(os.listdir(folder))
     strip = rows.pop("strip.png")
-    assert strip["error"].startswith("detector_failed: ValueError"), strip["error"]
-    assert strip["boxes"] == [] and (strip["width"], strip["height"]) == (3000, 1)
+    kind = "detector_failed" if geometry == "unknown" else "too_small"
+    assert strip["error"].startswith(kind), strip["error"]
+    assert strip["boxes"] == []
+    if geometry == "unknown":
+        assert (strip["width"], strip["height"]) == (3000, 1)
     assert all(r["error"] is None and len(r["boxes"]) > 0 for r in rows.values())
-    assert summary["errors_by_kind"] == {"detector_failed": 1} and summary["rows"] == 5 and summary["complete"]
+    assert summary["errors_by_kind"] == {kind: 1} and summary["rows"] == 5 and summary["complete"]
 
 
 def test_an_autoscaling_pool_writes_exactly_one_row_per_input(tmp_path, tiny_model):

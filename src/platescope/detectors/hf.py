@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 # check_weights, hash_weights and local_model_dir are still importable from here, where they were first.
+from platescope.detectors.geometry import geometry_from_config, to_pixel_values
 from platescope.detectors.loading import check_weights, hash_weights, local_model_dir, resolve_model  # noqa: F401
 from platescope.schema import Detections
 from platescope.storage import S3Options
@@ -83,6 +84,9 @@ class HFDetector:
         params = inspect.signature(self.model.forward).parameters
         names = list(self.processor.model_input_names)
         self._input_names = [n for n in names if n in params] or names
+        # What the processor does to an image, when it is a family whose rules we know: then CPU tasks
+        # can resize to model size and `detect_resized` does the rest (None: only `detect`).
+        self.geometry = geometry_from_config(self.processor.to_dict())
 
     def detect(self, images: Sequence[np.ndarray], prompts: Sequence[str] | None = None) -> list[Detections]:
         """One Detections per image (H x W x 3 uint8 RGB, any sizes), boxes in its own pixels.
@@ -106,12 +110,38 @@ class HFDetector:
                 out[i] = det
         return out  # type: ignore[return-value]
 
-    def _detect_same_size(self, images: list[np.ndarray]) -> list[Detections]:
-        import torch
+    def detect_resized(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> list[Detections]:
+        """One Detections per image already at model size (`self.geometry.resize` of the original, as
+        the decode tasks make them), boxes in the original's pixels: `sizes` are the originals'
+        (height, width). Rescale, normalise and pad run on the model's device, so the only CPU work
+        left here is the model itself. Grouped by size for the reason `detect` gives."""
+        if self.geometry is None:
+            raise ValueError("this model's image processor has no known geometry; use detect()")
+        if len(images) != len(sizes):
+            raise ValueError(f"{len(images)} images but {len(sizes)} sizes")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"image {i}: expected H x W x 3 uint8 RGB, got {image.dtype} {image.shape}")
+            groups.setdefault(image.shape[:2], []).append(i)
+        out: list[Detections | None] = [None] * len(images)
+        for indices in groups.values():
+            inputs = to_pixel_values([images[i] for i in indices], self.geometry, self.device)
+            for i, det in zip(indices, self._run({n: inputs[n] for n in self._input_names if n in inputs},
+                                                 [tuple(sizes[i]) for i in indices])):
+                out[i] = det
+        return out  # type: ignore[return-value]
 
+    def _detect_same_size(self, images: list[np.ndarray]) -> list[Detections]:
         # channels_last spelled out: a 3-pixel-wide image would otherwise be read as channels-first.
         batch = self.processor(images=images, return_tensors="pt", input_data_format="channels_last")
         inputs = {n: batch[n].to(self.device, non_blocking=True) for n in self._input_names if n in batch}
+        return self._run(inputs, [image.shape[:2] for image in images])
+
+    def _run(self, inputs: dict[str, Any], target_sizes: list[tuple[int, int]]) -> list[Detections]:
+        """The model on prepared inputs, then the processor's own post-processing to target sizes."""
+        import torch
+
         amp = (torch.autocast(self.device.type, dtype=self._amp_dtype) if self._amp_dtype is not None
                else contextlib.nullcontext())
         with torch.inference_mode():
@@ -121,7 +151,7 @@ class HFDetector:
             outputs.logits = outputs.logits.float().cpu()
             outputs.pred_boxes = outputs.pred_boxes.float().cpu()
             results = self.processor.post_process_object_detection(
-                outputs, threshold=self.threshold, target_sizes=[image.shape[:2] for image in images]
+                outputs, threshold=self.threshold, target_sizes=target_sizes
             )
         detections = []
         for r in results:

@@ -138,22 +138,33 @@ class DetectorActor:
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor only clutters the console
         self.detector = build_detector(spec)
         self.prompt = spec.get("prompt")
+        # The geometry the decode tasks resized with: it must be what this model's processor does,
+        # or every box would be scaled wrong; the driver read it from the same model dir.
+        self.geometry = spec.get("geometry")
+        if self.geometry is not None and self.geometry != getattr(self.detector, "geometry", None):
+            raise RuntimeError(f"model {spec['model']}: its image processor does not match the input geometry "
+                               f"the decode tasks used ({self.geometry!r}); was the model dir changed mid-run?")
         import torch
 
         log.info("detector ready in pid %s: %s (%d torch threads)", os.getpid(), self.detector.model_id,
                  torch.get_num_threads())
 
-    def _detect_all(self, images: list[np.ndarray]) -> list[Detections | str]:
+    def _detect(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Detections]:
+        if self.geometry is None:
+            return list(self.detector.detect(images))
+        return list(self.detector.detect_resized(images, sizes))
+
+    def _detect_all(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Detections | str]:
         """Detections per image, or an error string for an image the model itself failed on."""
         try:
-            return list(self.detector.detect(images))
+            return self._detect(images, sizes)
         except Exception:
             if len(images) == 1:
                 raise
         out: list[Detections | str] = []
-        for img in images:
+        for img, size in zip(images, sizes):
             try:
-                out.append(self.detector.detect([img])[0])
+                out.append(self._detect([img], [size])[0])
             except Exception as e:  # noqa: BLE001
                 out.append(f"detector_failed: {type(e).__name__}: {e}")
         return out
@@ -165,8 +176,10 @@ class DetectorActor:
         results: dict[int, Detections | str] = {}
         if todo:
             images = [np.asarray(batch["image"][i]) for i in todo]
+            # (height, width) of each decoded image: the boxes' frame when images come at model size
+            sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in todo]
             try:
-                found = self._detect_all(images)
+                found = self._detect_all(images, sizes)
             except Exception as e:  # noqa: BLE001 - a single image the model cannot take
                 found = [f"detector_failed: {type(e).__name__}: {e}"]
             results = dict(zip(todo, found))

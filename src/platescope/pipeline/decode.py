@@ -18,13 +18,16 @@ import functools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from platescope import storage
 from platescope.sources import InputError
 from platescope.storage import S3Options
+
+if TYPE_CHECKING:
+    from platescope.detectors.geometry import InputGeometry
 
 PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
 
@@ -107,16 +110,18 @@ def prefetch(items: Iterable[T], fetch: Callable[[T], R], *, window: int = FETCH
                 future.cancel()
 
 
-def _row(shard: str, uri: str, *, image: np.ndarray | None = None, frame_index: int | None = None,
-         timestamp_s: float | None = None, error: str | None = None) -> dict[str, Any]:
+def _row(shard: str, uri: str, *, image: np.ndarray | None = None, size: tuple[int, int] | None = None,
+         frame_index: int | None = None, timestamp_s: float | None = None, error: str | None = None) -> dict[str, Any]:
+    """`size` is the decoded image's (width, height) when `image` was resized to the model's input."""
     img = PLACEHOLDER if image is None else image
+    width, height = size if size is not None else (img.shape[1], img.shape[0])
     return {
         "shard": shard,
         "source_uri": uri,
         "frame_index": frame_index,
         "timestamp_s": timestamp_s,
-        "width": None if image is None else int(img.shape[1]),
-        "height": None if image is None else int(img.shape[0]),
+        "width": None if image is None else int(width),
+        "height": None if image is None else int(height),
         "image": img,
         "error": error,
     }
@@ -131,8 +136,8 @@ def _error_text(uri: str, err: Exception) -> str:
 
 
 def _image_rows(shard: str, entries: list[dict], s3: S3Options | None, max_pixels: int,
-                read: Reader) -> Iterator[dict]:
-    from platescope.sources.images import decode_image
+                read: Reader, geometry: InputGeometry | None, draft: bool) -> Iterator[dict]:
+    from platescope.sources.images import decode_image, decode_image_for_model
 
     def fetch(entry: dict) -> bytes | None:
         if entry["kind"] == "unsupported":
@@ -145,16 +150,21 @@ def _image_rows(shard: str, entries: list[dict], s3: S3Options | None, max_pixel
             yield _row(shard, uri, error="unsupported_type: not an image or video extension")
             continue
         try:
-            image = decode_image(fetched.result(), name=uri, max_pixels=max_pixels)
+            if geometry is None:
+                image, size = decode_image(fetched.result(), name=uri, max_pixels=max_pixels), None
+            else:
+                image, *size = decode_image_for_model(fetched.result(), geometry, name=uri, max_pixels=max_pixels,
+                                                      draft=draft)
         except Exception as e:
             if not is_input_failure(e):
                 raise  # a bug, not a bad input: the task fails and says so
             yield _row(shard, uri, error=_error_text(uri, e))
             continue
-        yield _row(shard, uri, image=image)
+        yield _row(shard, uri, image=image, size=size)
 
 
-def _video_rows(shard: str, entry: dict, s3: S3Options | None, fps: float, max_pixels: int) -> Iterator[dict]:
+def _video_rows(shard: str, entry: dict, s3: S3Options | None, fps: float, max_pixels: int,
+                geometry: InputGeometry | None) -> Iterator[dict]:
     import av
 
     from platescope.sources.video import iter_video_frames
@@ -165,7 +175,10 @@ def _video_rows(shard: str, entry: dict, s3: S3Options | None, fps: float, max_p
         with storage.open_read(uri, s3) as f:
             for frame in iter_video_frames(f, name=uri, fps=fps, max_pixels=max_pixels):
                 emitted += 1
-                yield _row(shard, uri, image=frame.image, frame_index=frame.frame_index,
+                image, size = frame.image, None
+                if geometry is not None:
+                    image, size = _frame_for_model(image, geometry), (image.shape[1], image.shape[0])
+                yield _row(shard, uri, image=image, size=size, frame_index=frame.frame_index,
                            timestamp_s=frame.timestamp_s)
     except Exception as e:
         if isinstance(e, av.FFmpegError) and not isinstance(e, OSError):
@@ -181,20 +194,30 @@ def _video_rows(shard: str, entry: dict, s3: S3Options | None, fps: float, max_p
         yield _row(shard, uri, error="no_frames: the video decoded to no frames")
 
 
+def _frame_for_model(image: np.ndarray, geometry: InputGeometry) -> np.ndarray:
+    try:
+        return geometry.resize(image)
+    except ValueError as e:  # a frame too small for the model's input (the only way resize refuses)
+        raise InputError("too_small", str(e)) from e
+
+
 def decode_shard(item: dict[str, Any], *, s3: S3Options | None, video_fps: float,
-                 max_pixels: int, read: Reader | None = None) -> Iterator[dict[str, Any]]:
+                 max_pixels: int, read: Reader | None = None, geometry: InputGeometry | None = None,
+                 draft: bool = False) -> Iterator[dict[str, Any]]:
     """Ray Data flat_map: one shard -> its rows, numbered, the last one carrying the count.
 
     Rows are yielded one behind, so the last one can be marked without holding more than two frames.
     `read(uri, s3) -> bytes` fetches an image (default storage.read_bytes); a failure it raises is an
-    error row only if `is_input_failure` says so.
+    error row only if `is_input_failure` says so. With the model's `geometry`, images and frames are
+    resized to its input here (and JPEGs decoded at a reduced scale where `draft` allows), so only
+    model-size pixels cross the object store; the rows keep the decoded size in width and height.
     """
     shard = item["shard"]
     entries = item["entries"]
     if entries[0]["kind"] == "video":
-        rows = _video_rows(shard, entries[0], s3, video_fps, max_pixels)
+        rows = _video_rows(shard, entries[0], s3, video_fps, max_pixels, geometry)
     else:
-        rows = _image_rows(shard, entries, s3, max_pixels, read or storage.read_bytes)
+        rows = _image_rows(shard, entries, s3, max_pixels, read or storage.read_bytes, geometry, draft)
     previous = None
     seq = 0
     for row in rows:

@@ -1,6 +1,6 @@
 """The run's reads and writes, with storage failures told apart from bad inputs.
 
-- decode_shard_guarded wraps `decode.decode_shard` for the Ray Data graph: it opens escaped manifest
+- decode_shard_guarded wraps `decode.decode_shard` (its options passed on) for the Ray Data graph: it opens escaped manifest
   URIs (non-UTF-8 local names, see sources.manifest) and gives rows the manifest's URI back; and
   when an input on S3 becomes an error row, it asks the storage whether it is reachable at all:
   an outage fails the run as a StorageFailure (a rerun does the shard again) instead of recording
@@ -39,7 +39,7 @@ def _check_reachable(uri: str, s3: S3Options | None) -> None:
 
 
 def decode_shard_guarded(item: dict[str, Any], *, s3: S3Options | None, video_fps: float,
-                         max_pixels: int) -> Iterator[dict[str, Any]]:
+                         max_pixels: int, **options: Any) -> Iterator[dict[str, Any]]:
     """Ray Data flat_map: decode_shard on the paths behind the manifest's URIs; rows carry the
     manifest's URIs, and an input error on S3 while S3 is unreachable fails the task."""
     shown: dict[str, str] = {}
@@ -49,7 +49,8 @@ def decode_shard_guarded(item: dict[str, Any], *, s3: S3Options | None, video_fp
         if path != entry["uri"]:
             shown[path] = entry["uri"]
         entries.append({**entry, "uri": path})
-    for row in decode_shard({**item, "entries": entries}, s3=s3, video_fps=video_fps, max_pixels=max_pixels):
+    for row in decode_shard({**item, "entries": entries}, s3=s3, video_fps=video_fps, max_pixels=max_pixels,
+                            **options):
         source = row["source_uri"]
         if source in shown:
             row["source_uri"] = shown[source]

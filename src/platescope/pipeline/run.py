@@ -111,11 +111,26 @@ def check_output(output: str, s3: S3Options | None) -> None:
         raise PreflightError(f"output {output}: cannot be written ({type(e).__name__}: {e})") from None
 
 
-def detector_spec(cfg: DetectConfig, s3: S3Options, num_gpus: float) -> dict[str, Any]:
+def input_geometry(cfg: DetectConfig, s3: S3Options):
+    """The model's input geometry, read from its processor config, when the decode tasks can resize
+    to it; None (the detector then runs the processor itself, as before) for a prompted detector, a
+    hub id, or a processor whose rules are not known."""
+    if cfg.detector != "hf":
+        return None
+    from platescope.detectors.geometry import read_geometry
+
+    geometry = read_geometry(cfg.model, s3) if storage.is_s3(cfg.model) or os.path.isdir(cfg.model) else None
+    if geometry is None:
+        log.info("model %s: its image processor is not one whose geometry is known; images go to the detector "
+                 "at full size and its processor prepares them", cfg.model)
+    return geometry
+
+
+def detector_spec(cfg: DetectConfig, s3: S3Options, num_gpus: float, geometry=None) -> dict[str, Any]:
     """What an actor needs to build its detector. Nothing here is measured on the driver, which on a
     cluster is not the node the actors run on: torch's thread count is decided in each actor from
     its own node (pipeline.actor.decide_num_threads); `num_threads` is only what the config says."""
-    return {
+    return {"geometry": geometry,
         "detector": cfg.detector, "model": cfg.model, "threshold": cfg.threshold,
         "device": cfg.device if num_gpus > 0 or cfg.device != "auto" else "cpu", "dtype": cfg.dtype,
         "trust_remote_code": cfg.trust_remote_code, "allow_unsafe_weights": cfg.allow_unsafe_weights,
@@ -406,11 +421,13 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict], n
     # is decoded instead of a whole shard, and results stream back batch by batch.
     ctx.target_max_block_size = DECODED_BLOCK_BYTES
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+    geometry = input_geometry(cfg, s3)
     ds = ds.flat_map(decode_shard_guarded, fn_kwargs={"s3": s3, "video_fps": cfg.video_fps,
-                                                      "max_pixels": cfg.max_pixels},
+                                                      "max_pixels": cfg.max_pixels, "geometry": geometry,
+                                                      "draft": cfg.jpeg_draft},
                      num_cpus=cfg.num_cpus_per_decoder)
     ds = ds.map_batches(
-        DetectorActor, fn_constructor_kwargs={"spec": detector_spec(cfg, s3, num_gpus)},
+        DetectorActor, fn_constructor_kwargs={"spec": detector_spec(cfg, s3, num_gpus, geometry)},
         batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.num_actors_min, max_size=cfg.num_actors_max),
         num_cpus=cfg.num_cpus_per_actor, num_gpus=num_gpus,
