@@ -15,7 +15,8 @@ import argparse
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 EXIT_ERROR_BUDGET = 1
 EXIT_CANNOT_START = 2
@@ -150,32 +151,40 @@ def _error_line(message: str) -> str:
     return " ".join(str(message).split())  # one line, whatever the message held
 
 
-def _cmd_detect(args: argparse.Namespace) -> int:
+def run_detect_command(prog: str, make_config: Callable[[], Any]) -> tuple[int | None, Any]:
+    """`run_detect` on the config `make_config` builds, every failure one line on stderr: (exit code,
+    None) when it failed, (None, the run's result) when it ran. Shared by `detect` and `demo`."""
     from platescope.config import ConfigError
-    from platescope.evaluation.run import EVALUATION_ERRORS, format_result
+    from platescope.evaluation.run import EVALUATION_ERRORS
     from platescope.pipeline.errors import StorageFailure, describe
     from platescope.pipeline.run import PreflightError, run_detect
-    from platescope.pipeline.summary import format_summary
 
     try:
-        cfg = detect_config_from_args(args)
-        result = run_detect(cfg)
+        return None, run_detect(make_config())
     except StorageFailure as e:  # before PreflightError: StorageUnreachable is both
-        print(f"platescope detect: error: {_error_line(e)}", file=sys.stderr)
-        return EXIT_STORAGE_FAILED
+        print(f"{prog}: error: {_error_line(e)}", file=sys.stderr)
+        return EXIT_STORAGE_FAILED, None
     except (ConfigError, PreflightError) as e:
-        print(f"platescope detect: error: {_error_line(e)}", file=sys.stderr)
-        return EXIT_CANNOT_START
+        print(f"{prog}: error: {_error_line(e)}", file=sys.stderr)
+        return EXIT_CANNOT_START, None
     except EVALUATION_ERRORS as e:  # the detections are written; only scoring them failed
-        print(f"platescope detect: error: the run finished but cannot be evaluated: {_error_line(e)}",
-              file=sys.stderr)
-        return EXIT_CANNOT_START
+        print(f"{prog}: error: the run finished but cannot be evaluated: {_error_line(e)}", file=sys.stderr)
+        return EXIT_CANNOT_START, None
     except Exception as e:  # noqa: BLE001 - a bug or a lost cluster: still one line, and an exit code
         if os.environ.get(TRACEBACK_ENV) == "1":
             traceback.print_exc()
-        print(f"platescope detect: error: the run stopped: {describe(e)} (rerun the same command to "
+        print(f"{prog}: error: the run stopped: {describe(e)} (rerun the same command to "
               f"resume; {TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_FAILED, None
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from platescope.evaluation.run import format_result
+    from platescope.pipeline.summary import format_summary
+
+    code, result = run_detect_command("platescope detect", lambda: detect_config_from_args(args))
+    if code is not None:
+        return code
     print(format_summary(result.summary))
     if result.evaluation is not None:
         print(format_result(result.evaluation, result.reports or {}))

@@ -49,17 +49,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from platescope.cli import EXIT_CANNOT_START
-    from platescope.config import ConfigError, DetectConfig, build_config
+    from platescope.cli import run_detect_command
+    from platescope.config import DetectConfig, build_config
     from platescope.models import default_model_dir
-    from platescope.pipeline.run import PreflightError, run_detect
     from platescope.pipeline.summary import format_summary
 
     inputs = prepare_inputs(args.workdir)
     model = default_model_dir()
     print(f"platescope demo: model {describe_model(model)}")
-    try:
-        cfg = build_config(
+
+    def config() -> DetectConfig:
+        return build_config(
             DetectConfig,
             values={"input": [inputs], "output": os.path.join(args.workdir, "output"), "model": model,
                     "threshold": 0.5, "video_fps": 2.0,
@@ -67,9 +67,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     "max_error_fraction": 1.0},
             overrides=args.overrides,
         )
-        result = run_detect(cfg)
-    except (ConfigError, PreflightError) as e:
-        print(f"platescope demo: error: {e}", file=sys.stderr)
-        return EXIT_CANNOT_START
+
+    code, result = run_detect_command("platescope demo", config)
+    if code is not None:
+        return code
     print(format_summary(result.summary))
     return 0
