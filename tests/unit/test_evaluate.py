@@ -203,6 +203,19 @@ def test_matcher_relates_uris_to_label_paths():
     assert m.match("/data/plates/y/d.jpg") is None  # same name, other folder
 
 
+def test_a_row_of_a_non_utf8_file_name_matches_its_label():
+    """detect stores such a name as an escaped file:// URI; labels listed from disk (YOLO folders)
+    name it as the OS does, with its undecodable bytes as surrogates."""
+    import os
+
+    from platescope.sources.manifest import manifest_uri
+
+    uri = manifest_uri(os.fsdecode(b"/in/cam\xff/bad\xfe name%.jpg"))
+    assert uri.startswith("file://") and "%FE" in uri
+    m = ImageMatcher(["other.jpg", os.fsdecode(b"cam\xff/bad\xfe name%.jpg")], ["/in"])
+    assert m.match(uri) == 1
+
+
 def test_local_and_s3_copies_of_a_dataset_give_the_same_numbers(tmp_path, s3_server, s3_bucket):
     coco = synthetic_coco(60, seed=21, categories=("licence_plate", "car"))
     gt = write_coco(coco, tmp_path / "gt.json")

@@ -18,7 +18,8 @@ from platescope import storage
 
 
 def _normalise(path: str) -> str:
-    path = unquote(path) if path.startswith("file://") else path
+    # surrogateescape: a non-UTF-8 local name (escaped as file://...%FF) comes back as os.listdir gives it
+    path = unquote(path, errors="surrogateescape") if path.startswith("file://") else path
     path = path.removeprefix("file://").replace("\\", "/")
     while path.startswith("./"):
         path = path[2:]
