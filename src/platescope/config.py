@@ -282,6 +282,10 @@ class LoraOptions(_Strict):
         description="module name suffixes that get an adapter (default: all attention projections)")
 
 
+# Resource requests no node could ever grant would wait forever; they fail before any work instead.
+_FITS = " (checked before any work against the largest node, live or one the autoscaler can add)"
+
+
 class DetectConfig(_Strict):
     """Everything a `detect` run needs. Counts are named num_*."""
 
@@ -299,16 +303,17 @@ class DetectConfig(_Strict):
     threshold: float = Field(0.3, ge=0.0, le=1.0, description="minimum score of a kept box")
     video_fps: float = Field(1.0, gt=0.0, description="frames per second sampled from videos")
     batch_size: int = Field(8, ge=1, le=4096, description="images per detector call")
-    num_actors_min: int = Field(1, ge=1, description="fewest detector actors")
+    num_actors_min: int = Field(1, ge=1, description="fewest detector actors; all must fit beside a decode task"
+                                + _FITS)
     num_actors_max: int = Field(1, ge=1, description="most detector actors (autoscaling between min and max)")
     num_gpus_per_actor: float | None = Field(
-        None, ge=0.0, description="GPUs per actor; default 1 when the cluster has GPUs, else 0"
+        None, ge=0.0, description="GPUs per actor; default 1 when the cluster has GPUs, else 0" + _FITS
     )
-    num_cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs reserved per detector actor")
+    num_cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs reserved per detector actor" + _FITS)
     num_threads_per_actor: int | None = Field(
         None, ge=1, description="torch threads in each actor; default: all cores of its node on CPU"
     )
-    num_cpus_per_decoder: float = Field(0.5, gt=0.0, description="CPUs reserved per fetch+decode task")
+    num_cpus_per_decoder: float = Field(0.5, gt=0.0, description="CPUs reserved per fetch+decode task" + _FITS)
     num_inputs_per_shard: int = Field(
         64, ge=1, description="images per shard, the unit of resume (each video is a shard of its own)"
     )
