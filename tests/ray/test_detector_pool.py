@@ -15,6 +15,7 @@ from PIL import Image
 from platescope import samples
 from platescope.config import DetectConfig
 from platescope.pipeline.run import run_detect
+from platescope.pipeline.stage import DetectorSpec
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -89,7 +90,7 @@ def test_an_actor_sizes_its_threads_from_its_own_node():
     def decide(spec):
         return actor._node_cpus(), actor.spec_num_threads(spec)
 
-    spec = {"num_threads": None, "num_gpus": 0.0, "num_cpus_per_actor": 0.5, "num_actors_max": 2}
+    spec = DetectorSpec(model="unused", num_threads=None, num_gpus=0.0, num_cpus_per_actor=0.5, num_actors_max=2)
     node_cpus, threads = ray.get(decide.remote(spec))
     assert node_cpus == ray.cluster_resources()["CPU"] == 2
     assert threads == 1  # two actors may share two CPUs

@@ -20,15 +20,16 @@ def test_the_spec_carries_no_thread_count_measured_on_the_driver(monkeypatch):
     # A driver with 96 cores (a laptop submitting to a cluster has its own count; neither matters).
     monkeypatch.setattr(os, "cpu_count", lambda: 96)
     spec = run.detector_spec(cfg(num_actors_max=4), S3Options(), num_gpus=0.0)
-    assert spec["num_threads"] is None
-    assert 96 not in spec.values() and 24 not in spec.values()
+    assert spec.num_threads is None
+    values = spec.model_dump().values()
+    assert 96 not in values and 24 not in values
     # What the actor needs to decide for itself.
-    assert (spec["num_gpus"], spec["num_actors_max"], spec["num_cpus_per_actor"]) == (0.0, 4, 1.0)
+    assert (spec.num_gpus, spec.num_actors_max, spec.num_cpus_per_actor) == (0.0, 4, 1.0)
 
 
 def test_the_configured_thread_count_travels_and_wins():
     spec = run.detector_spec(cfg(num_threads_per_actor=3, num_actors_max=4), S3Options(), num_gpus=0.0)
-    assert spec["num_threads"] == 3
+    assert spec.num_threads == 3
     assert decide_num_threads(configured=3, on_gpu=False, node_cpus=64, num_actors_max=1,
                               num_cpus_per_actor=1, cores=64) == 3
     assert decide_num_threads(configured=3, on_gpu=True, node_cpus=64, num_actors_max=1,

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from platescope.schema import BOX, Detections
+
+if TYPE_CHECKING:
+    from platescope.pipeline.stage import DetectorSpec
 
 log = logging.getLogger(__name__)
 
@@ -90,59 +93,50 @@ def _node_cpus() -> float:
     return float(_usable_cores())
 
 
-def spec_num_threads(spec: dict[str, Any]) -> int | None:
+def spec_num_threads(spec: DetectorSpec) -> int | None:
     """`decide_num_threads` for a detector spec, with this node's CPUs."""
     return decide_num_threads(
-        configured=spec.get("num_threads"), on_gpu=spec.get("num_gpus", 0) > 0, node_cpus=_node_cpus(),
-        num_actors_max=spec.get("num_actors_max", 1), num_cpus_per_actor=spec.get("num_cpus_per_actor", 1.0),
-        cores=_usable_cores(),
+        configured=spec.num_threads, on_gpu=spec.num_gpus > 0, node_cpus=_node_cpus(),
+        num_actors_max=spec.num_actors_max, num_cpus_per_actor=spec.num_cpus_per_actor, cores=_usable_cores(),
     )
 
 
-def build_detector(spec: dict[str, Any]):
+def build_detector(spec: DetectorSpec):
     """The detector a spec names; kept here so the pipeline and the benchmark build it the same way.
 
     Its torch thread count is decided here, on the machine that builds it (see decide_num_threads),
     not by the driver that wrote the spec.
     """
     num_threads = spec_num_threads(spec)
-    if spec["detector"] == "hf":
+    if spec.detector == "hf":
         from platescope.detectors.hf import HFDetector
 
-        return HFDetector(
-            spec["model"],
-            threshold=spec["threshold"],
-            device=spec["device"],
-            dtype=spec["dtype"],
-            trust_remote_code=spec["trust_remote_code"],
-            allow_unsafe_weights=spec["allow_unsafe_weights"],
-            s3=spec["s3"],
-            num_threads=num_threads,
-        )
-    if spec["detector"] == "florence2":
+        return HFDetector(spec.model, threshold=spec.threshold, device=spec.device, dtype=spec.dtype,
+                          trust_remote_code=spec.trust_remote_code, allow_unsafe_weights=spec.allow_unsafe_weights,
+                          s3=spec.s3, num_threads=num_threads)
+    if spec.detector == "florence2":
         from platescope.detectors.florence2 import Florence2Detector
 
         return Florence2Detector(
-            spec["model"], prompt=spec["prompt"], adapter=spec.get("adapter"), threshold=spec["threshold"],
-            device=spec["device"], s3=spec["s3"], num_threads=num_threads,
-            max_new_tokens=spec.get("max_new_tokens", 256), allow_unsafe_weights=spec["allow_unsafe_weights"],
-            trust_remote_code=spec["trust_remote_code"],
+            spec.model, prompt=spec.prompt, adapter=spec.adapter, threshold=spec.threshold, device=spec.device,
+            s3=spec.s3, num_threads=num_threads, max_new_tokens=spec.max_new_tokens,
+            allow_unsafe_weights=spec.allow_unsafe_weights, trust_remote_code=spec.trust_remote_code,
         )
-    raise ValueError(f"detector: unknown family {spec['detector']!r}")
+    raise ValueError(f"detector: unknown family {spec.detector!r}")
 
 
 class DetectorActor:
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: DetectorSpec):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor only clutters the console
         self.detector = build_detector(spec)
-        self.prompt = spec.get("prompt")
+        self.prompt = spec.prompt
         # The geometry the decode tasks resized with: it must be what this model's processor does,
         # or every box would be scaled wrong; the driver read it from the same model dir.
-        self.geometry = spec.get("geometry")
+        self.geometry = spec.geometry
         if self.geometry is not None and self.geometry != getattr(self.detector, "geometry", None):
-            raise RuntimeError(f"model {spec['model']}: its image processor does not match the input geometry "
+            raise RuntimeError(f"model {spec.model}: its image processor does not match the input geometry "
                                f"the decode tasks used ({self.geometry!r}); was the model dir changed mid-run?")
         import torch
 

@@ -1,7 +1,7 @@
 """The detect job: preflight -> ownership -> manifest -> Ray Data graph -> shard sink -> summary.
 
-    manifest shards --flat_map(decode_shard, CPU tasks)--> rows with images
-                    --map_batches(DetectorActor, actor pool)--> detection rows
+    manifest shards --decode_stage (CPU tasks)--> rows with images at model size
+                    --detect_stage (DetectorActor pool)--> detection rows
                     --iter_batches (driver)--> ShardSink: Parquet part + marker per whole shard
 
 Nothing materialises the dataset: Ray Data streams blocks with backpressure, and only small detection
@@ -42,6 +42,7 @@ from platescope.pipeline.errors import (
 )
 from platescope.pipeline.history import finished_inputs
 from platescope.pipeline.ownership import RunLease
+from platescope.pipeline.stage import DetectorSpec, decode_stage, detect_stage, model_geometry
 from platescope.pipeline.summary import SUMMARY_FILE, build_summary, write_summary
 from platescope.sources import manifest as manifest_mod
 from platescope.storage import S3Options
@@ -111,33 +112,9 @@ def check_output(output: str, s3: S3Options | None) -> None:
         raise PreflightError(f"output {output}: cannot be written ({type(e).__name__}: {e})") from None
 
 
-def input_geometry(cfg: DetectConfig, s3: S3Options):
-    """The model's input geometry, read from its processor config, when the decode tasks can resize
-    to it; None (the detector then runs the processor itself, as before) for a prompted detector, a
-    hub id, or a processor whose rules are not known."""
-    if cfg.detector != "hf":
-        return None
-    from platescope.detectors.geometry import read_geometry
-
-    geometry = read_geometry(cfg.model, s3) if storage.is_s3(cfg.model) or os.path.isdir(cfg.model) else None
-    if geometry is None:
-        log.info("model %s: its image processor is not one whose geometry is known; images go to the detector "
-                 "at full size and its processor prepares them", cfg.model)
-    return geometry
-
-
-def detector_spec(cfg: DetectConfig, s3: S3Options, num_gpus: float, geometry=None) -> dict[str, Any]:
-    """What an actor needs to build its detector. Nothing here is measured on the driver, which on a
-    cluster is not the node the actors run on: torch's thread count is decided in each actor from
-    its own node (pipeline.actor.decide_num_threads); `num_threads` is only what the config says."""
-    return {"geometry": geometry,
-        "detector": cfg.detector, "model": cfg.model, "threshold": cfg.threshold,
-        "device": cfg.device if num_gpus > 0 or cfg.device != "auto" else "cpu", "dtype": cfg.dtype,
-        "trust_remote_code": cfg.trust_remote_code, "allow_unsafe_weights": cfg.allow_unsafe_weights,
-        "s3": s3, "num_threads": cfg.num_threads_per_actor, "num_gpus": num_gpus,
-        "num_cpus_per_actor": cfg.num_cpus_per_actor, "num_actors_max": cfg.num_actors_max,
-        "prompt": cfg.prompt, "adapter": cfg.adapter, "max_new_tokens": cfg.max_new_tokens,
-    }
+def detector_spec(cfg: DetectConfig, s3: S3Options, num_gpus: float, geometry=None) -> DetectorSpec:
+    """The detector spec of this config (see pipeline.stage.DetectorSpec)."""
+    return DetectorSpec.from_config(cfg, s3, num_gpus, geometry)
 
 
 def run_detect(cfg: DetectConfig) -> RunResult:
@@ -408,8 +385,7 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict], n
     import ray
     from tqdm import tqdm
 
-    from platescope.pipeline.actor import DetectorActor
-    from platescope.pipeline.guard import GuardedSink, decode_shard_guarded
+    from platescope.pipeline.guard import GuardedSink
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours below counts shards and rows, Ray's would interleave
@@ -421,17 +397,11 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict], n
     # is decoded instead of a whole shard, and results stream back batch by batch.
     ctx.target_max_block_size = DECODED_BLOCK_BYTES
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    geometry = input_geometry(cfg, s3)
-    ds = ds.flat_map(decode_shard_guarded, fn_kwargs={"s3": s3, "video_fps": cfg.video_fps,
-                                                      "max_pixels": cfg.max_pixels, "geometry": geometry,
-                                                      "draft": cfg.jpeg_draft},
-                     num_cpus=cfg.num_cpus_per_decoder)
-    ds = ds.map_batches(
-        DetectorActor, fn_constructor_kwargs={"spec": detector_spec(cfg, s3, num_gpus, geometry)},
-        batch_size=cfg.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.num_actors_min, max_size=cfg.num_actors_max),
-        num_cpus=cfg.num_cpus_per_actor, num_gpus=num_gpus,
-    )
+    geometry = model_geometry(cfg.detector, cfg.model, s3)
+    ds = decode_stage(ds, s3=s3, video_fps=cfg.video_fps, max_pixels=cfg.max_pixels, geometry=geometry,
+                      draft=cfg.jpeg_draft, num_cpus=cfg.num_cpus_per_decoder)
+    ds = detect_stage(ds, detector_spec(cfg, s3, num_gpus, geometry), batch_size=cfg.batch_size,
+                      num_actors_min=cfg.num_actors_min)
     sink = GuardedSink(run_dir, cfg.run_id, s3)
     rows = 0
     first_at = first_rows = None
