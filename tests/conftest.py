@@ -216,11 +216,13 @@ class S3Server:
                         access_key_id=self.access_key_id, secret_access_key=self.secret_access_key)
 
     def client(self, **kwargs):
-        import boto3
+        # botocore's own client (what boto3 wraps): s3fs already brings the botocore its aiobotocore
+        # allows, where boto3 would pin a botocore of its own and send pip's resolver backtracking.
+        import botocore.session
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key_id,
-                            aws_secret_access_key=self.secret_access_key, region_name=self.region,
-                            **kwargs)
+        return botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key, region_name=self.region, **kwargs)
 
     def make_bucket(self, name: str) -> str:
         """Create bucket `name` unless it exists already; returns "s3://name"."""
