@@ -302,6 +302,10 @@ class DetectConfig(_Strict):
     max_new_tokens: int = Field(256, ge=8, le=4096, description="florence2: longest generated answer")
     threshold: float = Field(0.3, ge=0.0, le=1.0, description="minimum score of a kept box")
     video_fps: float = Field(1.0, gt=0.0, description="frames per second sampled from videos")
+    video_segment_s: float = Field(
+        60.0, gt=0.0, description="a video longer than this many seconds is split into time segments of about "
+        "this length, each its own shard: decoded in parallel and resumed one by one (the rows are the same; a "
+        "resumed run keeps its first start's segments)")
     batch_size: int = Field(8, ge=1, le=4096, description="images per detector call")
     num_actors_min: int = Field(1, ge=1, description="fewest detector actors; all must fit beside a decode task"
                                 + _FITS)

@@ -125,6 +125,70 @@ def write_video(
     return boxes
 
 
+def write_long_video(
+    path: str | Path,
+    *,
+    seconds: float,
+    size: tuple[int, int] = (1280, 720),
+    fps: int = 30,
+    chunk_s: float = 10.0,
+    gop_s: float = 2.0,
+    noise_seed: int | None = None,
+) -> None:
+    """An mp4 of any length in seconds of encoding: a box sliding over a gradient for `chunk_s`, encoded
+    once (a keyframe every `gop_s`, closed GOPs) and its packets muxed again and again with shifted
+    timestamps. Decoding it costs what any video of its size and rate costs, which is what long-video
+    tests and benchmarks need; ten minutes of 1080p30 are written in seconds instead of many minutes.
+    `noise_seed` makes the background random noise instead: a file as large as real footage."""
+    from fractions import Fraction
+
+    import av
+
+    width, height = size[0] // 2 * 2, size[1] // 2 * 2
+    if noise_seed is None:
+        ramp = (np.arange(width, dtype=np.uint16) * 255 // max(width - 1, 1)).astype(np.uint8)
+        luma = np.tile(ramp, (height, 1))
+    else:
+        luma = np.random.default_rng(noise_seed).integers(0, 256, (height, width), dtype=np.uint8)
+    planes = np.concatenate([luma, np.full((height // 2, width), 128, np.uint8)])  # yuv420p, grey chroma
+    box_w, box_h = max(2, width // 8), max(2, height // 8)
+    num_chunk = max(1, round(chunk_s * fps))
+    num_total = round(seconds * fps)
+    encoder = _video_encoder()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(encoder, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = max(1, round(gop_s * fps))
+        if encoder == "libx264":
+            stream.codec_context.options = {"preset": "ultrafast", "crf": "30", "sc_threshold": "0"}
+        chunk = []
+        for index in range(min(num_chunk, num_total) + 1):
+            if index < min(num_chunk, num_total):
+                x0 = index * (width - box_w) // max(num_chunk - 1, 1)
+                planes[:height] = luma
+                planes[height // 3 : height // 3 + box_h, x0 : x0 + box_w] = 255
+                packets = stream.encode(av.VideoFrame.from_ndarray(planes, format="yuv420p"))
+            else:
+                packets = stream.encode()  # flush
+            chunk += [(bytes(p), p.pts, p.dts, p.is_keyframe, p.duration, p.time_base) for p in packets]
+        time_base = chunk[0][5]
+        shift = round(Fraction(num_chunk) / Fraction(fps) / time_base)
+        written = 0
+        repeat = 0
+        while written < num_total:
+            for data, pts, dts, keyframe, duration, _ in chunk[: num_total - written]:
+                packet = av.Packet(data)
+                packet.stream, packet.time_base = stream, time_base
+                packet.pts, packet.dts = pts + repeat * shift, dts + repeat * shift
+                packet.is_keyframe = keyframe
+                if duration:
+                    packet.duration = duration
+                container.mux(packet)
+                written += 1
+            repeat += 1
+
+
 def write_bad_inputs(folder: str | Path) -> dict[str, str]:
     """One file per awkward or broken input, as {case: file name in folder}.
 

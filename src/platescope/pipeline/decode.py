@@ -2,7 +2,10 @@
 
 Every row carries its shard id and its sequence number in the shard; the shard's last row also carries
 the shard's row count. That is how the sink knows a shard is complete however Ray splits, reorders or
-retries blocks, which a video (whose frame count is unknown until it is decoded) needs.
+retries blocks, which a video (whose frame count is unknown until it is decoded) needs. A shard with no
+rows at all (a video's time segment past the last frame, where the header overstated the duration)
+yields one completion row instead: `shard_rows` 0, an `error` so the detector passes it by, never
+written (see pipeline.sink).
 
 A bad input becomes a row with `error` set and a 1x1 placeholder image that the detector skips. Bad
 means the input or its storage failed (`is_input_failure`): an `InputError` from the decoders, or an
@@ -163,17 +166,32 @@ def _image_rows(shard: str, entries: list[dict], s3: S3Options | None, max_pixel
         yield _row(shard, uri, image=image, size=size)
 
 
+# What the completion row of a shard with no rows says (pipeline.sink drops it by its shard_rows 0).
+NO_ROWS = "no_rows: this shard has no rows; the row only completes it"
+
+
+def _where_it_stopped(entry: dict, emitted: int) -> str:
+    """What an error row adds: frames decoded before it, and the segment of a split video."""
+    start, end = entry.get("start_s"), entry.get("end_s")
+    notes = [f"after {emitted} frames"] if emitted else []
+    if start is not None:
+        notes.append(f"in segment {start:g}s-{end:g}s" if end is not None else f"in segment {start:g}s-end")
+    return f" ({', '.join(notes)})" if notes else ""
+
+
 def _video_rows(shard: str, entry: dict, s3: S3Options | None, fps: float, max_pixels: int,
                 geometry: InputGeometry | None) -> Iterator[dict]:
-    import av
-
+    """The sampled frames of a video, or of its time segment `[start_s, end_s)` when the manifest split
+    it: the same rows a whole decode gives for that span (sources.video.iter_video_frames)."""
     from platescope.sources.video import iter_video_frames
 
     uri = entry["uri"]
+    start_s, end_s = entry.get("start_s"), entry.get("end_s")
     emitted = 0
     try:
         with storage.open_read(uri, s3) as f:
-            for frame in iter_video_frames(f, name=uri, fps=fps, max_pixels=max_pixels):
+            for frame in iter_video_frames(f, name=uri, fps=fps, max_pixels=max_pixels,
+                                           start_s=start_s or None, end_s=end_s):
                 emitted += 1
                 image, size = frame.image, None
                 if geometry is not None:
@@ -181,17 +199,43 @@ def _video_rows(shard: str, entry: dict, s3: S3Options | None, fps: float, max_p
                 yield _row(shard, uri, image=image, size=size, frame_index=frame.frame_index,
                            timestamp_s=frame.timestamp_s)
     except Exception as e:
-        if isinstance(e, av.FFmpegError) and not isinstance(e, OSError):
+        if _is_ffmpeg_error(e):
             # video.py makes InputErrors of FFmpeg's errors where it expects them; one from elsewhere
             # (converting a frame's pixel format, say) is still about the file, not our code.
             e = InputError("corrupt_video", f"{type(e).__name__}: {e}")
         if not is_input_failure(e):
             raise
         # Frames before the damage stay; one error row (no frame index) says where it stopped.
-        yield _row(shard, uri, error=_error_text(uri, e) + (f" (after {emitted} frames)" if emitted else ""))
+        yield _row(shard, uri, error=_error_text(uri, e) + _where_it_stopped(entry, emitted))
         return
-    if emitted == 0:
+    if emitted == 0 and not start_s and not _has_frames_after(uri, s3, fps, max_pixels, end_s):
+        # Said once per video, by its first segment: a later segment with no frames is only a header
+        # that overstated the duration, and yields no row at all.
         yield _row(shard, uri, error="no_frames: the video decoded to no frames")
+
+
+def _has_frames_after(uri: str, s3: S3Options | None, fps: float, max_pixels: int,
+                      end_s: float | None) -> bool:
+    """Whether a video whose first segment (ending at `end_s`) had no frame has one later: then the
+    later segments give its rows, and the video is not empty. A whole video (`end_s` None) has none."""
+    if end_s is None:
+        return False
+    from platescope.sources.video import iter_video_frames
+
+    try:
+        with storage.open_read(uri, s3) as f:
+            return next(iter(iter_video_frames(f, name=uri, fps=fps, max_pixels=max_pixels, start_s=end_s)),
+                        None) is not None
+    except Exception as e:
+        if not is_input_failure(e) and not _is_ffmpeg_error(e):
+            raise
+        return True  # damaged or unreadable further on: the segment that holds it makes the error row
+
+
+def _is_ffmpeg_error(e: Exception) -> bool:
+    import av
+
+    return isinstance(e, av.FFmpegError) and not isinstance(e, OSError)
 
 
 def _frame_for_model(image: np.ndarray, geometry: InputGeometry) -> np.ndarray:
@@ -227,6 +271,8 @@ def decode_shard(item: dict[str, Any], *, s3: S3Options | None, video_fps: float
         row["shard_rows"] = -1
         previous = row
         seq += 1
-    assert previous is not None, "every shard yields at least one row"
+    if previous is None:  # only a video's segment can have no rows (see the module's docstring)
+        yield {**_row(shard, entries[0]["uri"], error=NO_ROWS), "seq": 0, "shard_rows": 0}
+        return
     previous["shard_rows"] = seq
     yield previous

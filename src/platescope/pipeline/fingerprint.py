@@ -6,8 +6,9 @@ limits), written before the manifest. A rerun of the run id computes the same fr
 and refuses, naming each field that differs, before any work. Settings that only change how fast
 or where the run goes (batch size, actors, CPUs/GPUs, address, progress, the error budget,
 evaluation, S3 credentials) are not in it, nor are those the manifest already fixed (input,
-num_inputs_per_shard, incremental): a resume reads the manifest, not the inputs. `device` is left
-out too: `auto` already resolves per cluster, and CPU and GPU differ only in float rounding.
+num_inputs_per_shard, incremental, video_segment_s): a resume reads the manifest, not the inputs.
+`device` is left out too: `auto` already resolves per cluster, and CPU and GPU differ only in float
+rounding.
 
 Weights are named as the detector's `model` column names them (`<model>@<hash12>`): for a local or
 s3:// dir the first 12 hex digits of SHA-256 over the weight files' names and bytes

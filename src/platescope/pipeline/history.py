@@ -18,8 +18,9 @@ def finished_inputs(output_root: str, current_run_id: str, s3: S3Options | None,
                     among: set[str]) -> set[tuple[str, str]]:
     """(uri, version) of the inputs in `among` that an earlier run under `output_root` finished.
 
-    An input counts as seen only once its shard's completion marker exists, so an input of a run that
-    died before reaching it is still picked up by the next incremental run. A nightly job reads every
+    An input counts as seen only once its shard's completion marker exists, and a video split into
+    time segments only once every segment's marker does, so an input of a run that died before
+    finishing it is still picked up (whole) by the next incremental run. A nightly job reads every
     earlier run here, so each costs a few requests and one manifest in memory at a time: three
     columns of it, kept only where they meet this listing; a complete run needs no marker listing.
     """
@@ -38,10 +39,15 @@ def finished_inputs(output_root: str, current_run_id: str, s3: S3Options | None,
         except (FileNotFoundError, NotADirectoryError):
             continue  # a stray file or folder beside the runs, or a run that died before listing
         table = table.filter(pc.is_in(table["uri"], value_set=wanted))
+        unfinished: set[tuple[str, str]] = set()
         if not _run_complete(run_dir, s3):
             done = pa.array(sorted(done_shard_ids(run_dir, s3)), pa.string())
-            table = table.filter(pc.is_in(table["shard"], value_set=done))
-        seen.update(zip(table["uri"].to_pylist(), table["version"].to_pylist()))
+            is_done = pc.is_in(table["shard"], value_set=done)
+            rest = table.filter(pc.invert(is_done))
+            unfinished = set(zip(rest["uri"].to_pylist(), rest["version"].to_pylist()))
+            table = table.filter(is_done)
+        finished = zip(table["uri"].to_pylist(), table["version"].to_pylist())
+        seen.update(p for p in finished if p not in unfinished)
     return seen
 
 

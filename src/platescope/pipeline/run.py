@@ -54,7 +54,7 @@ EVALUATION_DIR = "evaluation"
 DECODED_BLOCK_BYTES = 8 * 1024 * 1024
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Fields a resume keeps from the run's first start: they defined its manifest, which is fixed.
-MANIFEST_FIELDS = ("input", "num_inputs_per_shard", "incremental")
+MANIFEST_FIELDS = ("input", "num_inputs_per_shard", "incremental", "video_segment_s")
 
 __all__ = ["PreflightError", "RunOwnedError", "StorageFailure", "RunResult", "run_detect", "detector_spec"]
 
@@ -155,7 +155,8 @@ def _list_inputs(cfg: DetectConfig, s3: S3Options) -> manifest_mod.Manifest:
     try:
         with storage_step("reading earlier runs under", cfg.output, started=False):
             return manifest_mod.list_inputs(cfg.input, s3=s3, strict=cfg.strict,
-                                            num_inputs_per_shard=cfg.num_inputs_per_shard, exclude=exclude)
+                                            num_inputs_per_shard=cfg.num_inputs_per_shard, exclude=exclude,
+                                            video_segment_s=cfg.video_segment_s, video_fps=cfg.video_fps)
     except ValueError as e:
         if isinstance(e, (PreflightError, StorageFailure)):
             raise

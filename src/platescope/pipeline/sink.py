@@ -7,7 +7,12 @@ Rows are deduplicated by (shard, seq) in case Ray retried a task.
 
 Why not Ray Data's own checkpointing: it records finished rows by an ID column of the *input* and
 filters those inputs on restart, so a video whose first frames were written would be skipped whole on
-resume and lose its remaining frames. Markers per shard (a video is one shard) have no such gap.
+resume and lose its remaining frames. Markers per shard (a video, or one time segment of it) have no
+such gap.
+
+A shard with no rows (a video's segment past its last frame) arrives as one completion row with
+`shard_rows` 0 (pipeline.decode): it is not kept, and the shard is written as an empty part (the
+table's schema, no rows) and its marker, so it counts as done and adds nothing.
 
 Only detection rows reach the driver (images stay on the workers), and only rows of unfinished shards
 are held, so the driver's memory is bounded by the shards in flight.
@@ -73,11 +78,16 @@ class ShardSink:
         completed = []
         shards = batch.column("shard")
         for shard in pc.unique(shards).to_pylist():
+            if shard in self.finished:
+                continue  # a retried task's rows of a shard already written
             part = batch.filter(pc.equal(shards, shard))
             state = self.pending.setdefault(shard, _Pending())
             keep = []
             for i, (seq, total) in enumerate(zip(part.column("seq").to_pylist(),
                                                  part.column("shard_rows").to_pylist())):
+                if total == 0:  # the completion row of a shard with no rows: not a row of the table
+                    state.expected = 0
+                    continue
                 if seq in state.seqs:
                     continue
                 state.seqs.add(seq)
@@ -87,15 +97,19 @@ class ShardSink:
             if keep:
                 state.parts.append(part.take(keep))
             if state.expected is not None and len(state.seqs) == state.expected:
-                self._write(shard, pa.concat_tables(state.parts))
+                self._write(shard, pa.concat_tables(state.parts) if state.parts else None)
                 del self.pending[shard]
                 completed.append(shard)
         return completed
 
-    def _write(self, shard: str, rows: pa.Table) -> None:
-        rows = rows.sort_by([("seq", "ascending")])
-        table = rows.append_column("run_id", pa.array([self.run_id] * rows.num_rows, pa.string()))
-        table = table.select(DETECTIONS_SCHEMA.names).cast(DETECTIONS_SCHEMA)
+    def _write(self, shard: str, rows: pa.Table | None) -> None:
+        """Write the shard's part, then its marker; `rows` None for a shard with no rows."""
+        if rows is None:
+            table = DETECTIONS_SCHEMA.empty_table()
+        else:
+            rows = rows.sort_by([("seq", "ascending")])
+            table = rows.append_column("run_id", pa.array([self.run_id] * rows.num_rows, pa.string()))
+            table = table.select(DETECTIONS_SCHEMA.names).cast(DETECTIONS_SCHEMA)
         buf = io.BytesIO()
         pq.write_table(table, buf)
         storage.write_bytes_atomic(storage.join(self.run_dir, DATA_DIR, f"part-{shard}.parquet"),

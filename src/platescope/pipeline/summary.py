@@ -36,7 +36,7 @@ def build_summary(
     return {
         "run_id": run_id,
         "output": run_dir,
-        "inputs": len(manifest.entries),
+        "inputs": manifest.num_inputs,  # a video split into segments is one input (and several shards)
         "inputs_skipped_unsupported": manifest.num_skipped,
         "shards": len(shards),
         "shards_done": sum(1 for s in shards if s in done),
