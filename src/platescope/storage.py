@@ -142,10 +142,14 @@ def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
         return f.read()
 
 
-def open_read(uri: str, s3: S3Options | None = None):
-    """A seekable binary file object (streams from S3 in blocks rather than reading it whole)."""
+def open_read(uri: str, s3: S3Options | None = None, *, block_size: int | None = None):
+    """A seekable binary file object (streams from S3 in blocks rather than reading it whole).
+
+    `block_size` is what one S3 range read fetches (s3fs's default is 50 MiB, read ahead of each
+    miss): smaller for a reader that seeks around and reads little, like a video's header probe or
+    one time segment of it."""
     fs, path = filesystem(uri, s3)
-    return fs.open(path, "rb")
+    return fs.open(path, "rb") if block_size is None else fs.open(path, "rb", block_size=block_size)
 
 
 def exists(uri: str, s3: S3Options | None = None) -> bool:

@@ -17,7 +17,7 @@ import pytest
 
 from platescope import samples, storage
 from platescope.pipeline.actor import OUTPUT_SCHEMA
-from platescope.pipeline.decode import decode_shard
+from platescope.pipeline.decode import VIDEO_READ_BLOCK_BYTES, decode_shard
 from platescope.pipeline.history import finished_inputs
 from platescope.pipeline.sink import ShardSink
 from platescope.pipeline.summary import build_summary
@@ -132,6 +132,25 @@ def test_probing_a_video_on_s3_reads_a_small_fraction_of_it(tmp_path, s3_server,
     fetched.sort()
     print(f"probe read {fetched} bytes of {size}")  # the figure the README quotes
     assert len(fetched) == 2 and all(0 < b < size * 0.1 for b in fetched), (fetched, size)
+
+    # Decoding the segments fetches about the video once: each segment its own bytes, plus a few
+    # blocks for the header, the index at the end and the GOP before its start.
+    decoded = []
+    real_read = storage.open_read
+
+    @contextlib.contextmanager
+    def counting_read(uri, s3=None, **kw):
+        with real_read(uri, s3, **kw) as f:
+            yield f
+            decoded.append(f.cache.total_requested_bytes)
+
+    monkeypatch.setattr(storage, "open_read", counting_read)
+    segments = [e for e in man.entries if e["uri"].endswith("/big.mp4")]
+    rows = [r for e in segments for r in decode_shard({"shard": e["shard"], "entries": [e]}, s3=s3,
+                                                      video_fps=1.0, max_pixels=10**8)]
+    assert [r["frame_index"] for r in rows] == list(range(0, 1200, 10))
+    print(f"decoding {len(segments)} segments fetched {sum(decoded)} bytes of {size}")
+    assert len(decoded) == 3 and sum(decoded) < size + 3 * 4 * VIDEO_READ_BLOCK_BYTES, (decoded, size)
 
 
 def rows_of(entry: dict, fps: float = 2.0) -> list[dict]:

@@ -166,6 +166,12 @@ def _image_rows(shard: str, entries: list[dict], s3: S3Options | None, max_pixel
         yield _row(shard, uri, image=image, size=size)
 
 
+# What one S3 range read of a video fetches. s3fs's default (50 MiB, read ahead of every miss) would
+# fetch 50 MiB for the header at the start of each time segment and 50 MiB past its end: 8x a 35 MB
+# video split in 8. At 2 MiB a segment costs a few MiB beyond its own bytes, and one reader still
+# streams tens of MB/s, well ahead of decoding.
+VIDEO_READ_BLOCK_BYTES = 2 * 1024 * 1024
+
 # What the completion row of a shard with no rows says (pipeline.sink drops it by its shard_rows 0).
 NO_ROWS = "no_rows: this shard has no rows; the row only completes it"
 
@@ -189,7 +195,7 @@ def _video_rows(shard: str, entry: dict, s3: S3Options | None, fps: float, max_p
     start_s, end_s = entry.get("start_s"), entry.get("end_s")
     emitted = 0
     try:
-        with storage.open_read(uri, s3) as f:
+        with storage.open_read(uri, s3, block_size=VIDEO_READ_BLOCK_BYTES) as f:
             for frame in iter_video_frames(f, name=uri, fps=fps, max_pixels=max_pixels,
                                            start_s=start_s or None, end_s=end_s):
                 emitted += 1
@@ -223,7 +229,7 @@ def _has_frames_after(uri: str, s3: S3Options | None, fps: float, max_pixels: in
     from platescope.sources.video import iter_video_frames
 
     try:
-        with storage.open_read(uri, s3) as f:
+        with storage.open_read(uri, s3, block_size=VIDEO_READ_BLOCK_BYTES) as f:
             return next(iter(iter_video_frames(f, name=uri, fps=fps, max_pixels=max_pixels, start_s=end_s)),
                         None) is not None
     except Exception as e:

@@ -197,8 +197,7 @@ def probe_duration(uri: str, s3: S3Options | None) -> float | None:
 
 
 def _open_for_probe(path: str, s3: S3Options | None):
-    fs, fs_path = storage.filesystem(path, s3)
-    return fs.open(fs_path, "rb", block_size=PROBE_BLOCK_BYTES)
+    return storage.open_read(path, s3, block_size=PROBE_BLOCK_BYTES)
 
 
 def _split_videos(entries: list[dict], s3: S3Options | None, segment_s: float, fps: float) -> list[dict]:
