@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from platescope import samples, storage
 
@@ -96,6 +97,62 @@ def test_overfitting_8_images_raises_map_and_the_export_runs_in_detect(plates, p
     got = rows["scene_00001.jpg"]
     np.testing.assert_allclose(np.array(got["boxes"]).reshape(-1, 4), expected["boxes"], atol=1e-3)
     np.testing.assert_allclose(got["scores"], expected["scores"], atol=1e-4)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def test_a_float16_export_is_half_the_size_and_detects_as_the_float32_one(plates, tmp_path):
+    """One run of a few steps, exported from its best checkpoint in float32, then (the same command
+    again: nothing left to train, so the same checkpoint) in float16. Augmentation is on, so the
+    loop's seeded augmentation of training batches runs too."""
+    from safetensors.torch import load_file
+
+    common = [*OVERFIT, f"train={plates}", f"storage={tmp_path / 'ckpt'}", "name=half", "num_workers=1",
+              "max_steps=4", "augment=true", "seed=5"]
+    f32, f16 = tmp_path / "f32", tmp_path / "f16"
+    for dtype, export in (("float32", f32), ("float16", f16)):
+        proc = train_cli(*common, f"export_dtype={dtype}", f"export={export}", env={})
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    info32, info16 = (json.loads((d / "platescope_training.json").read_text()) for d in (f32, f16))
+    assert info16["history"] == info32["history"] and info16["training_config"]["export_dtype"] == "float16"
+
+    # Every floating tensor is float16 and is the float32 export's, rounded; the rest is as it was.
+    w32, w16 = load_file(str(f32 / "model.safetensors")), load_file(str(f16 / "model.safetensors"))
+    assert w16.keys() == w32.keys()
+    floating = [k for k, v in w32.items() if v.is_floating_point()]
+    assert floating and all(w32[k].dtype == torch.float32 and w16[k].dtype == torch.float16 for k in floating)
+    assert all(torch.equal(w16[k], w32[k].half() if k in floating else w32[k]) for k in w32)
+    # The dir is about half: the weights are, and the rest (configs, safetensors header) is small.
+    assert sum(w16[k].nbytes for k in floating) * 2 == sum(w32[k].nbytes for k in floating)
+    assert 0.45 <= _dir_bytes(f16) / _dir_bytes(f32) <= 0.56, (_dir_bytes(f16), _dir_bytes(f32))
+
+    images = tmp_path / "images"  # the 8 scenes alone (plates_x8 adds copies beside them)
+    images.mkdir()
+    for image in json.loads(plates.read_text())["images"]:
+        shutil.copy(plates.parent / image["file_name"], images / image["file_name"])
+    out = tmp_path / "detections"
+    det = subprocess.run([*CLI, "detect", "--input", str(images), "--model", str(f16), "--output", str(out),
+                          "--run-id", "half", "--threshold", "0.0", "--no-progress"],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert det.returncode == 0, det.stderr[-3000:]
+    rows = {Path(r["source_uri"]).name: r for r in pq.read_table(out / "half" / "data").to_pylist()}
+    assert len(rows) == 8 and all(r["error"] is None and r["boxes"] for r in rows.values())
+    # Against the float32 export, box by box (nearest box: the order of near-equal scores may differ).
+    # A float16 weight is its float32 value to within 2**-11 (relative); through this small network
+    # that moves outputs by the order of 1e-3 relative, i.e. well under 0.5 px on a 320 px image and
+    # under 5e-3 on a score (measured: 0.001 px, 2.5e-4), while distinct boxes here lie tens of px
+    # apart and a weight misread would be off by far more.
+    for name, row in rows.items():
+        expected = plain_hf_boxes(str(f32), images / name)
+        got_boxes, got_scores = np.array(row["boxes"]).reshape(-1, 4), np.array(row["scores"])
+        assert len(got_boxes) == len(expected["boxes"])
+        distance = np.abs(expected["boxes"][:, None, :] - got_boxes[None, :, :]).max(axis=-1)
+        nearest = distance.argmin(axis=1)
+        assert len(set(nearest.tolist())) == len(nearest), name  # one to one
+        np.testing.assert_allclose(got_boxes[nearest], expected["boxes"], atol=0.5)
+        np.testing.assert_allclose(got_scores[nearest], expected["scores"], atol=5e-3)
 
 
 def plain_hf_boxes(model_dir: str, image_path: Path) -> dict[str, np.ndarray]:

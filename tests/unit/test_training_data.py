@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -67,9 +70,103 @@ def test_load_image_without_augmentation_returns_the_labels_as_given(coco_dir):
     record = data.read_coco_set(str(path), None).records[0]
     row = {"uri": record["uri"], "image_id": record["image_id"], "boxes": record["boxes"].reshape(-1).tolist(),
            "labels": record["labels"].tolist()}
-    out = data.load_image(row, s3=None, augment=False, min_box_size=2.0)
+    out = data.load_image(row, s3=None)
     assert out["image"].shape == (240, 320, 3)
     np.testing.assert_allclose(np.array(out["boxes"]).reshape(-1, 4), record["boxes"])
     images, annotations = data.processor_inputs({k: np.array([v], dtype=object) for k, v in out.items()})
     assert len(images) == 1 and annotations[0]["image_id"] == record["image_id"]
     assert [a["category_id"] for a in annotations[0]["annotations"]] == record["labels"].tolist()
+
+
+def scenes_batch(n: int = 6) -> dict[str, np.ndarray]:
+    """A numpy batch as Ray Data hands the loop one: same-sized images stacked into one array, and
+    (one box each) the boxes as one float array."""
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 255, size=(n, 240, 320, 3), dtype=np.uint8)
+    boxes = np.array([[20.0 + 30 * i, 40.0 + 10 * i, 80.0, 30.0] for i in range(n)], np.float32)
+    return {"image": images, "boxes": boxes, "labels": np.zeros((n, 1), np.int64),
+            "image_id": np.arange(10, 10 + n)}
+
+
+def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for key in ("image", "boxes", "labels")
+               for x, y in zip(a[key], b[key]))
+
+
+def test_the_augmentation_is_built_once_per_box_size(monkeypatch):
+    built = []
+    real = data.augmentation
+
+    def counting(min_box_size, seed=None):
+        built.append(min_box_size)
+        return real(min_box_size, seed)
+
+    monkeypatch.setattr(data, "augmentation", counting)
+    monkeypatch.setattr(data, "_TRANSFORMS", {})
+    batch = scenes_batch()
+    for epoch in range(3):
+        data.augment_batch(batch, seed=0, epoch=epoch, min_box_size=2.0)
+    data.augment_batch(batch, seed=0, epoch=0, min_box_size=4.0)
+    assert built == [2.0, 4.0]  # 3 epochs x 6 images at 2 px, 6 at 4 px: one Compose each
+    assert data.transform_for(2.0) is data.transform_for(2.0) is data._TRANSFORMS[2.0]
+    assert set(data._TRANSFORMS) == {2.0, 4.0}
+
+
+def test_the_same_seed_augments_identically_and_another_seed_differently(monkeypatch):
+    batch = scenes_batch()
+    first = data.augment_batch(batch, seed=0, epoch=0, min_box_size=2.0)
+    # Another process's state: a fresh Compose, other draws in between, global generators moved.
+    monkeypatch.setattr(data, "_TRANSFORMS", {})
+    data.augment_batch(batch, seed=9, epoch=4, min_box_size=2.0)
+    np.random.seed(123)
+    random.seed(123)
+    again = data.augment_batch(batch, seed=0, epoch=0, min_box_size=2.0)
+    assert same(first, again)
+    # One image drawn alone, or in another order, is drawn as it was in the batch.
+    reordered = {k: v[::-1] for k, v in batch.items()}
+    assert same(data.augment_batch(reordered, seed=0, epoch=0, min_box_size=2.0),
+                {k: v[::-1] for k, v in first.items()})
+    # Another seed, or the next epoch, draws other augmentations (6 images: not all alike by chance).
+    assert not same(first, data.augment_batch(batch, seed=1, epoch=0, min_box_size=2.0))
+    assert not same(first, data.augment_batch(batch, seed=0, epoch=1, min_box_size=2.0))
+    # Something was drawn at all, and boxes stayed valid.
+    assert not np.array_equal(np.stack(list(first["image"])), batch["image"])
+    for boxes in first["boxes"]:
+        kept = np.asarray(boxes).reshape(-1, 4)
+        assert np.all(kept[:, :2] >= 0) and np.all(kept[:, 0] + kept[:, 2] <= 320 + 1e-3)
+
+
+def test_a_fresh_process_draws_the_same_augmentation(tmp_path):
+    """Ray runs the training loop in other processes: the draw must come from the arguments alone."""
+    batch = scenes_batch(3)
+    np.savez(tmp_path / "batch.npz", **batch)
+    code = (
+        "import sys, numpy as np\n"
+        "from platescope.training import data\n"
+        "batch = dict(np.load(sys.argv[1]))\n"
+        "out = data.augment_batch(batch, seed=7, epoch=2, min_box_size=2.0)\n"
+        "np.savez(sys.argv[2], image=np.stack(list(out['image'])),\n"
+        "         boxes=np.concatenate([np.asarray(b).reshape(-1) for b in out['boxes']]))\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "batch.npz"), str(tmp_path / "out.npz")],
+                   check=True, timeout=120)
+    there = np.load(tmp_path / "out.npz")
+    here = data.augment_batch(batch, seed=7, epoch=2, min_box_size=2.0)
+    np.testing.assert_array_equal(there["image"], np.stack(list(here["image"])))
+    here_boxes = np.concatenate([np.asarray(b).reshape(-1) for b in here["boxes"]])
+    np.testing.assert_array_equal(there["boxes"], here_boxes)
+
+
+def test_an_augmented_batch_feeds_the_processor(coco_dir):
+    path, _ = coco_dir
+    records = data.read_coco_set(str(path), None).records
+    rows = [data.load_image({"uri": r["uri"], "image_id": r["image_id"], "labels": r["labels"].tolist(),
+                             "boxes": r["boxes"].reshape(-1).tolist()}, s3=None) for r in records]
+    batch = {k: data._objects([row[k] for row in rows]) for k in rows[0]}
+    out = data.augment_batch(batch, seed=0, epoch=0, min_box_size=2.0)
+    images, annotations = data.processor_inputs(out)
+    assert [im.shape for im in images] == [(240, 320, 3)] * len(rows)
+    assert [a["image_id"] for a in annotations] == [r["image_id"] for r in records]
+    for ann, boxes, labels in zip(annotations, out["boxes"], out["labels"]):
+        assert [a["category_id"] for a in ann["annotations"]] == list(labels)
+        assert len(ann["annotations"]) == len(np.asarray(boxes).reshape(-1, 4))

@@ -1,8 +1,14 @@
-"""Training data: COCO sets read with the evaluation's reader, decoded and augmented in Ray Data.
+"""Training data: COCO sets read with the evaluation's reader, decoded in Ray Data, augmented per epoch.
 
 Each record is one image: its URI (the COCO file_name beside the JSON), its boxes in COCO xywh and
-contiguous class indices (0..K-1, the model head's order). Decoding and albumentations run in Ray
-Data's CPU tasks, so training workers receive ready arrays and spend their time in the model.
+contiguous class indices (0..K-1, the model head's order). Fetching and decoding run in Ray Data's
+CPU tasks, so training workers receive ready arrays.
+
+Augmentation (albumentations) runs where the batch is consumed, in the training worker, because only
+the worker knows the epoch: each image's draw is seeded from (config seed, epoch, image id), so a
+run is reproducible given its seed whichever process, worker or order an image comes through, a
+resumed run augments its later epochs as an uninterrupted one would, and every epoch still draws
+afresh. Nothing depends on a process's global random state. It costs a few ms per image.
 """
 
 from __future__ import annotations
@@ -51,9 +57,10 @@ def read_coco_set(uri: str, s3: S3Options | None, id2label: dict[int, str] | Non
     return LabelledSet(gt, records, id2label)
 
 
-def augmentation(min_box_size: float):
+def augmentation(min_box_size: float, seed: int | None = None):
     """The seed recipe: mild perspective, horizontal flip, brightness/contrast and hue/saturation;
-    boxes are clipped to the image and boxes left thinner than min_box_size are dropped."""
+    boxes are clipped to the image and boxes left thinner than min_box_size are dropped. `seed`
+    seeds its random draws (`augment` reseeds per image)."""
     import albumentations as A
 
     return A.Compose(
@@ -65,37 +72,78 @@ def augmentation(min_box_size: float):
         ],
         bbox_params=A.BboxParams(format="coco", label_fields=["labels"], clip=True,
                                  min_width=min_box_size, min_height=min_box_size),
+        seed=seed,
     )
 
 
 _TRANSFORMS: dict[float, Any] = {}  # one Compose per process and box size: building it is not free
 
 
-def load_image(row: dict[str, Any], *, s3: S3Options | None, augment: bool, min_box_size: float) -> dict[str, Any]:
-    """Ray Data map: fetch + decode (EXIF applied, RGB) and, for training, augment. Augmentation is
-    drawn afresh each epoch (the map re-runs per pass), which is the point of it."""
+def transform_for(min_box_size: float):
+    """This process's Compose for `min_box_size`, built on first use and kept."""
+    transform = _TRANSFORMS.get(min_box_size)
+    if transform is None:
+        transform = _TRANSFORMS[min_box_size] = augmentation(min_box_size)
+    return transform
+
+
+def augment_seed(seed: int, epoch: int, image_id: int) -> int:
+    """The seed of one image's augmentation in one epoch: a hash of the three (any ints), 0..2**32-1."""
+    entropy = [int(seed) % 2**64, int(epoch) % 2**64, int(image_id) % 2**64]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def augment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, seed: int, epoch: int, image_id: int,
+            min_box_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image and its COCO xywh boxes and labels, augmented as (seed, epoch, image_id) draws."""
+    transform = transform_for(min_box_size)
+    transform.set_random_seed(augment_seed(seed, epoch, image_id))
+    out = transform(image=np.asarray(image), bboxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+                    labels=np.asarray(labels, np.int64).reshape(-1))
+    return (out["image"], np.asarray(out["bboxes"], np.float32).reshape(-1, 4),
+            np.asarray(out["labels"], np.int64).reshape(-1))
+
+
+def augment_batch(batch: dict[str, np.ndarray], *, seed: int, epoch: int,
+                  min_box_size: float) -> dict[str, np.ndarray]:
+    """A Ray Data numpy batch (as `dataset` yields) with every image augmented (see the module doc);
+    boxes and labels come back one array per image, as augmentation may drop some."""
+    images, boxes, labels = [], [], []
+    for image, b, lab, image_id in zip(batch["image"], batch["boxes"], batch["labels"], batch["image_id"]):
+        image, b, lab = augment(image, b, lab, seed=seed, epoch=epoch, image_id=int(image_id),
+                                min_box_size=min_box_size)
+        images.append(image)
+        boxes.append(b.reshape(-1))
+        labels.append(lab)
+    stacked = isinstance(batch["image"], np.ndarray) and batch["image"].dtype != object
+    return {**batch, "image": np.stack(images) if stacked else _objects(images), "boxes": _objects(boxes),
+            "labels": _objects(labels)}
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def load_image(row: dict[str, Any], *, s3: S3Options | None) -> dict[str, Any]:
+    """Ray Data map: fetch + decode (EXIF applied, RGB); augmentation comes later (`augment_batch`)."""
     from platescope.sources.images import decode_image
 
     image = decode_image(storage.read_bytes(row["uri"], s3), name=row["uri"], max_pixels=100_000_000)
     boxes = np.asarray(row["boxes"], np.float32).reshape(-1, 4)
     labels = np.asarray(row["labels"], np.int64)
-    if augment:
-        transform = _TRANSFORMS.setdefault(min_box_size, augmentation(min_box_size))
-        out = transform(image=image, bboxes=boxes, labels=labels)
-        image = out["image"]
-        boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
-        labels = np.asarray(out["labels"], np.int64)
     return {"image": image, "boxes": boxes.reshape(-1).tolist(), "labels": labels.tolist(),
             "image_id": int(row["image_id"])}
 
 
-def dataset(records: list[dict[str, Any]], *, s3: S3Options | None, augment: bool, min_box_size: float):
+def dataset(records: list[dict[str, Any]], *, s3: S3Options | None):
+    """The records as a Ray Data set of decoded images (one pass per epoch)."""
     import ray
 
     rows = [{"uri": r["uri"], "image_id": r["image_id"], "boxes": r["boxes"].reshape(-1).tolist(),
              "labels": r["labels"].tolist()} for r in records]
-    return ray.data.from_items(rows).map(
-        load_image, fn_kwargs={"s3": s3, "augment": augment, "min_box_size": min_box_size})
+    return ray.data.from_items(rows).map(load_image, fn_kwargs={"s3": s3})
 
 
 def processor_inputs(batch: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[dict[str, Any]]]:

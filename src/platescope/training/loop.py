@@ -1,7 +1,8 @@
 """The per-worker training loop Ray Train runs on every worker, top to bottom.
 
     build or resume the model (the family's recipe) -> DDP -> AdamW on what trains + cosine warm-up
-    per epoch: train on this worker's shard (autocast on GPU, clipped gradients)
+    per epoch: train on this worker's shard, augmented as (seed, epoch, image) draws (autocast on GPU,
+               clipped gradients)
                -> predict this worker's val shard -> gather -> COCO metrics (the evaluate code)
                -> report loss and metrics; rank 0 attaches a checkpoint
 A restarted worker (FailureConfig) or a rerun of the same name gets the last checkpoint from
@@ -82,6 +83,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from platescope.config import TrainConfig
     from platescope.evaluation.groundtruth import GroundTruth
     from platescope.evaluation.run import score_predictions
+    from platescope.training.data import augment_batch
 
     cfg = TrainConfig.model_validate(config["cfg"])
     s3 = config["s3"]
@@ -126,6 +128,8 @@ def train_loop(config: dict[str, Any]) -> None:
         for batch in train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
                                               local_shuffle_buffer_size=4 * cfg.batch_size,
                                               local_shuffle_seed=cfg.seed + 1000 * epoch + rank):
+            if cfg.augment:
+                batch = augment_batch(batch, seed=cfg.seed, epoch=epoch, min_box_size=cfg.min_box_size)
             with autocast():
                 loss = recipe.loss(ddp, processor, batch, cfg, id2label, device)
             optimizer.zero_grad(set_to_none=True)

@@ -97,9 +97,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
 
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch instead
-        datasets = {"train": data.dataset(train.records, s3=s3, augment=cfg.augment, min_box_size=cfg.min_box_size)}
+        # Decoded images; the loop augments training batches itself (seeded per seed, epoch and image).
+        datasets = {"train": data.dataset(train.records, s3=s3)}
         if val is not None:
-            datasets["val"] = data.dataset(val.records, s3=s3, augment=False, min_box_size=0.0)
+            datasets["val"] = data.dataset(val.records, s3=s3)
         fs, path = storage.arrow_filesystem(cfg.storage, s3)
         trainer = TorchTrainer(
             train_loop,
