@@ -10,9 +10,11 @@ wall time (Ray start-up and model load included) and steady (first result to las
 a fresh process, optionally beside pycocotools' COCOeval on the same boxes.
 
 `bench video`: how much of a long video waits between decoding and the detector. One generated
-  video, every frame sampled, through the whole `detect` job; the object store is sampled while it
-  runs. If waiting frames grew with the video's length this peak would too; it stays at Ray Data's
-  backpressure budget however long the video.
+  video, every frame sampled, through the whole `detect` job; after every step of Ray Data's
+  scheduling loop it reads the object store bytes Ray Data holds for each operator's output blocks
+  (queued, or arguments of running tasks), and keeps the peak, in MiB and in frames as the decoder
+  ships them. If waiting frames grew with the video's length this peak would too; it stays at Ray
+  Data's backpressure budget however long the video.
 
 `bench incremental`: time and peak memory of what `--incremental` reads before a nightly run starts,
 after R earlier nightly runs of N inputs each under the same output root.
@@ -21,7 +23,6 @@ after R earlier nightly runs of N inputs each under the same output root.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import tempfile
@@ -223,27 +224,60 @@ def _cmd_bench_incremental(args: argparse.Namespace) -> int:
     return 0
 
 
-def _object_store_mib() -> float | None:
-    """MiB in this Ray's object store now (Ray's own memory summary; None before Ray is up)."""
-    import re
+class _ObjectStorePeaks:
+    """The most object store memory held by each Ray Data operator's output blocks (name -> bytes,
+    in topology order: the decoder first), by all of them together (`total`), and each operator's
+    mean bytes per output row; `callback()` is the execution callback class that fills them in.
 
-    import ray
+    Ray Data counts a block from the step its producing task hands it over until it is freed (no
+    reference left, and the tasks it was an argument of finished), and the callback runs after every
+    step of the scheduling loop: a block is always in the count at the end of the step that produced
+    it, so no frame that waited escapes the peak, however busy the machine. (A thread sampling Ray's
+    store every half second could see nothing on a short run, and Ray's `memory_summary` fails
+    outright when several Rays run on the machine.) These are blocks that exist, not Ray Data's
+    reservation for outputs a running task has yet to yield."""
 
-    if not ray.is_initialized():
-        return None
-    from ray._private.internal_api import memory_summary  # what `ray memory --stats-only` prints
+    def __init__(self) -> None:
+        self.by_operator: dict[str, int] = {}
+        self.bytes_per_row: dict[str, float] = {}
+        self.total = 0
+        self.steps = 0
 
-    found = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
-    return float(found.group(1)) if found else None
+    def observe(self, executor) -> None:
+        # Ray 2.60's executor keeps its operators in _topology (no public accessor);
+        # estimate_object_store_usage() is the bytes of the operator's live output blocks.
+        total = 0
+        for op in getattr(executor, "_topology", None) or {}:
+            if not op.input_dependencies:  # the input buffer: the listing's items, made before
+                continue
+            used = int(op.estimate_object_store_usage())
+            self.by_operator[op.name] = max(self.by_operator.get(op.name, 0), used)
+            rows = op.metrics.rows_task_outputs_generated
+            if rows:
+                self.bytes_per_row[op.name] = op.metrics.bytes_task_outputs_generated / rows
+            total += used
+        self.total = max(self.total, total)
+        self.steps += 1
+
+    def callback(self) -> type:
+        from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+        observe = self.observe
+
+        class ObjectStorePeaks(ExecutionCallback):
+            def on_execution_step(self, executor) -> None:
+                observe(executor)
+
+        return ObjectStorePeaks
 
 
 def _cmd_bench_video(args: argparse.Namespace) -> int:
     import resource
-    import threading
 
     from platescope import samples
     from platescope.config import DetectConfig
     from platescope.pipeline.run import run_detect
+    from platescope.ray_session import start_ray
 
     width, height = (int(v) for v in args.size.lower().split("x"))
     with tempfile.TemporaryDirectory(prefix="platescope-bench-") as tmp:
@@ -253,25 +287,34 @@ def _cmd_bench_video(args: argparse.Namespace) -> int:
         values = {"input": [os.path.join(tmp, "in")], "output": os.path.join(tmp, "out"), "run_id": "bench",
                   "video_fps": fps, "batch_size": args.batch_size, "progress": False, "device": "cpu"}
         cfg = DetectConfig(**values, **({"model": args.model} if args.model else {}))
-        peak: list[float] = [0.0]
-        done = threading.Event()
+        # Ray is started here (as detect would start it) so that the callback can be registered on
+        # Ray Data's context before the job builds its dataset; detect then runs on this Ray.
+        started_ray = start_ray(cfg.address)
+        import ray
 
-        def sample() -> None:
-            while not done.wait(0.5):
-                with contextlib.suppress(Exception):  # Ray starting or stopping under us: next sample
-                    peak[0] = max(peak[0], _object_store_mib() or 0.0)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+        ctx = ray.data.DataContext.get_current()
+        peaks = _ObjectStorePeaks()
+        callback = peaks.callback()
+        ctx.custom_execution_callback_classes.append(callback)
         try:
             summary = run_detect(cfg).summary
         finally:
-            done.set()
-            sampler.join()
+            ctx.custom_execution_callback_classes.remove(callback)
+            if started_ray:
+                ray.shutdown()
+    if not peaks.steps or not peaks.by_operator:
+        raise SystemExit("platescope bench: error: Ray Data reported no execution step to measure")
     frame_mib = width * height * 3 / 2**20
+    # Frames travel as the decoder ships them (resized to the model's input where detect does so).
+    decoder = next(iter(peaks.by_operator))
+    shipped_mib = peaks.bytes_per_row.get(decoder, 0.0) / 2**20
+    waiting = round(peaks.by_operator[decoder] / 2**20 / shipped_mib) if shipped_mib else 0
+    by_operator = {name: round(v / 2**20, 1) for name, v in peaks.by_operator.items()}
     figures = {"frames": summary["frames"], "frame_size": f"{width}x{height}", "frame_mib": round(frame_mib, 2),
+               "shipped_frame_mib": round(shipped_mib, 3),
                "detect_s": summary["wall_time_s"], "frames_per_s": summary["rows_per_s"],
-               "object_store_peak_mib": round(peak[0]), "frames_waiting_at_peak": round(peak[0] / frame_mib),
+               "object_store_peak_mib": round(peaks.total / 2**20, 1),
+               "frames_waiting_at_peak": waiting, "object_store_peak_mib_by_operator": by_operator,
                "video_if_held_whole_mib": round(summary["frames"] * frame_mib),
                "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     _report(figures, args.json_out)

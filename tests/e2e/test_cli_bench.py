@@ -42,4 +42,10 @@ def test_bench_incremental_finds_exactly_last_nights_inputs(tmp_path):
 def test_bench_video_samples_every_frame_and_sees_frames_waiting(tmp_path, tiny_model):
     f = bench(tmp_path, "video", "--frames", "120", "--size", "320x240", "--model", tiny_model)
     assert f["frames"] == 120 and f["frame_size"] == "320x240"
-    assert 0 < f["object_store_peak_mib"] and f["video_if_held_whole_mib"] == round(120 * 320 * 240 * 3 / 2**20)
+    assert f["video_if_held_whole_mib"] == round(120 * 320 * 240 * 3 / 2**20)
+    # Decoded frames reach the detector through the object store, so some were seen waiting there:
+    # read after every step of Ray Data's scheduling loop, this cannot miss them (a sampling thread could).
+    assert 0 < f["object_store_peak_mib"] <= 1.5 * f["video_if_held_whole_mib"]
+    assert max(f["object_store_peak_mib_by_operator"].values()) > 0
+    # counted in frames as the decoder ships them: at least one waited, never more than the video has
+    assert f["shipped_frame_mib"] > 0 and 1 <= f["frames_waiting_at_peak"] <= 1.1 * f["frames"]
