@@ -16,6 +16,11 @@ a fresh process, optionally beside pycocotools' COCOeval on the same boxes.
   ships them. If waiting frames grew with the video's length this peak would too; it stays at Ray
   Data's backpressure budget however long the video.
 
+`bench video --long`: one long generated video (default ten minutes of 1080p30) through `detect`
+  twice on the same Ray: split into time segments (`video_segment_s`), and as one whole-file shard.
+  Reports hours of footage per hour of wall time for each: segments spread one video's decoding over
+  the cluster's CPUs, where a whole-file shard decodes on one task.
+
 `bench incremental`: time and peak memory of what `--incremental` reads before a nightly run starts,
 after R earlier nightly runs of N inputs each under the same output root.
 """
@@ -55,6 +60,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--model", help="model dir (default: the default model)")
     v.add_argument("--batch-size", type=int, default=8)
     v.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    v.add_argument("--long", action="store_true",
+                   help="one long video, split into time segments and as one shard: footage hours per hour")
+    v.add_argument("--seconds", type=float, default=600.0, help="--long: length of the generated 30 fps video")
+    v.add_argument("--video-fps", type=float, default=1.0, help="--long: frames sampled per second")
+    v.add_argument("--segment-s", type=float, help="--long: video_segment_s (default: detect's)")
     v.set_defaults(func=_cmd_bench_video)
     i = kinds.add_parser("incremental", help="--incremental's look at earlier runs: time and peak memory")
     i.add_argument("--runs", type=int, default=365, help="earlier nightly runs under the output root")
@@ -272,6 +282,8 @@ class _ObjectStorePeaks:
 
 
 def _cmd_bench_video(args: argparse.Namespace) -> int:
+    if args.long:
+        return _cmd_bench_long_video(args)
     import resource
 
     from platescope import samples
@@ -317,5 +329,42 @@ def _cmd_bench_video(args: argparse.Namespace) -> int:
                "frames_waiting_at_peak": waiting, "object_store_peak_mib_by_operator": by_operator,
                "video_if_held_whole_mib": round(summary["frames"] * frame_mib),
                "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    _report(figures, args.json_out)
+    return 0
+
+
+def _cmd_bench_long_video(args: argparse.Namespace) -> int:
+    from platescope import samples
+    from platescope.config import DetectConfig
+    from platescope.pipeline.run import run_detect
+    from platescope.ray_session import start_ray
+
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    segment_s = args.segment_s or DetectConfig.model_fields["video_segment_s"].default
+    summaries = {}
+    with tempfile.TemporaryDirectory(prefix="platescope-bench-") as tmp:
+        samples.write_long_video(os.path.join(tmp, "in", "long.mp4"), seconds=args.seconds, size=(width, height),
+                                 fps=30)
+        values = {"input": [os.path.join(tmp, "in")], "output": os.path.join(tmp, "out"),
+                  "video_fps": args.video_fps, "batch_size": args.batch_size, "progress": False, "device": "cpu",
+                  **({"model": args.model} if args.model else {})}
+        # One Ray for both runs, started before either, so neither pays its start-up; each run loads
+        # the model in its own actors. The whole file goes first: any warming up favours it.
+        started_ray = start_ray(None)
+        try:
+            for name, seconds in (("whole", args.seconds * 2), ("segments", segment_s)):
+                summaries[name] = run_detect(DetectConfig(**values, run_id=name, video_segment_s=seconds)).summary
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    figures = {"video_s": args.seconds, "frame_size": f"{width}x{height}", "video_fps": args.video_fps,
+               "segment_s": segment_s, "frames": summaries["segments"]["frames"]}
+    for name, summary in summaries.items():
+        figures[f"{name}_shards"] = summary["shards"]
+        figures[f"{name}_wall_s"] = summary["wall_time_s"]
+        figures[f"{name}_footage_hours_per_hour"] = round(args.seconds / summary["wall_time_s"], 2)
+    figures["speedup"] = round(summaries["whole"]["wall_time_s"] / summaries["segments"]["wall_time_s"], 3)
     _report(figures, args.json_out)
     return 0
