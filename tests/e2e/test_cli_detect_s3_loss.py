@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import pyarrow.parquet as pq
 import pytest
@@ -25,7 +26,9 @@ EXIT_STORAGE_FAILED = 3
 def _restartable_server_class(s3_server):
     """The conftest's S3Server, but restartable on the same data folder and ports."""
     base = type(s3_server)
-    conftest = sys.modules[base.__module__]
+    # The conftest module's own globals: several test folders have a `conftest`, so the name in
+    # sys.modules may be another one's.
+    conftest = types.SimpleNamespace(**base.start.__globals__)
 
     class RestartableS3Server(base):
         def _start_once(self, attempt, deadline):

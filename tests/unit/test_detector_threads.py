@@ -57,6 +57,10 @@ def test_on_gpu_ray_s_default_stands():
 
 def test_the_actor_decides_from_the_cpus_of_the_machine_it_runs_on(monkeypatch):
     """Outside Ray (the benchmark builds a detector in-process) the node is this machine."""
+    import sys
+
+    # A Ray another test left running in this process would otherwise answer for the node.
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
     spec = run.detector_spec(cfg(num_actors_max=2), S3Options(), num_gpus=0.0)
     monkeypatch.setattr(actor, "_usable_cores", lambda: 12)
     assert actor.spec_num_threads(spec) == 6
