@@ -41,12 +41,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     kinds = bench.add_subparsers(dest="bench", required=True)
     p = kinds.add_parser("detect", help="detect throughput against the detector's own")
     p.add_argument("--images", required=True, help="folder of images (e.g. a dataset's images/)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model dir")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model dir (default: the default model)")
     src.add_argument("--preset", help="architecture preset built with random weights, e.g. rtdetr-r18")
     p.add_argument("--num-images", type=int, default=128, help="images to use (first N by name)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threshold", type=float, default=0.3)
+    p.add_argument("--vs-naive", dest="vs_naive", action="store_true",
+                   help="whole `detect` process against the plain per-image Hugging Face loop, each fresh")
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     p.set_defaults(func=_cmd_bench)
     e = kinds.add_parser("evaluate", help="evaluate time and peak memory on N generated rows")
@@ -101,16 +103,27 @@ def detector_throughput(cfg, paths: list[str]) -> float:
     return len(images) / (time.perf_counter() - started)
 
 
+def _bench_model(args: argparse.Namespace, tmp: str) -> str:
+    """The model dir to measure: --model, a --preset built with random weights, or the default model."""
+    if args.preset:
+        from platescope.detectors.presets import build_model_dir
+
+        return build_model_dir(args.preset, os.path.join(tmp, "model"))
+    if args.model:
+        return args.model
+    from platescope.models import default_model_dir
+
+    return default_model_dir()
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.vs_naive:
+        return _cmd_bench_vs_naive(args)
     from platescope.config import DetectConfig
     from platescope.pipeline.run import run_detect
 
     with tempfile.TemporaryDirectory(prefix="platescope-bench-") as tmp:
-        model = args.model
-        if args.preset:
-            from platescope.detectors.presets import build_model_dir
-
-            model = build_model_dir(args.preset, os.path.join(tmp, "model"))
+        model = _bench_model(args, tmp)
         paths = _pick_images(args.images, args.num_images, os.path.join(tmp, "images"))
         cfg = DetectConfig(input=[os.path.join(tmp, "images")], output=os.path.join(tmp, "out"), model=model,
                            batch_size=args.batch_size, threshold=args.threshold, run_id="bench",
@@ -120,7 +133,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     e2e_total = summary["rows"] / summary["wall_time_s"]
     e2e_steady = summary["rows_per_s_steady"] or e2e_total
     figures = {
-        "model": args.preset or args.model, "images": len(paths), "batch_size": args.batch_size,
+        "model": args.preset or args.model or "default", "images": len(paths), "batch_size": args.batch_size,
         "cpu_count": os.cpu_count(),
         "detector_images_per_s": round(det, 3),
         "detect_images_per_s_steady": round(e2e_steady, 3),
@@ -131,6 +144,144 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     }
     _report(figures, args.json_out)
     return 0
+
+
+def _cmd_bench_vs_naive(args: argparse.Namespace) -> int:
+    """`detect` and the naive loop (platescope.naive_loop), each a fresh process on the same images,
+    model and threshold: whole-process wall time, the process tree's CPU time, and where detect's
+    CPU outside the model forward goes, from the run's summary."""
+    import sys
+
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory(prefix="platescope-bench-") as tmp:
+        model = _bench_model(args, tmp)
+        paths = _pick_images(args.images, args.num_images, os.path.join(tmp, "images"))
+        listing = os.path.join(tmp, "images.txt")
+        with open(listing, "w") as f:
+            f.write("\n".join(paths) + "\n")
+        for path in paths:  # both read from the page cache, not the first one from disk
+            Path(path).read_bytes()
+        naive_rows = os.path.join(tmp, "naive.parquet")
+        naive = _tree_timed([sys.executable, "-m", "platescope.naive_loop", "--images", listing, "--model", model,
+                             "--threshold", str(args.threshold), "--output", naive_rows])
+        out = os.path.join(tmp, "out")
+        detect = _tree_timed([sys.executable, "-m", "platescope", "detect", "--input", os.path.join(tmp, "images"),
+                              "--output", out, "--model", model, "--threshold", str(args.threshold),
+                              "--batch-size", str(args.batch_size), "--run-id", "bench", "--device", "cpu",
+                              "--no-progress"])
+        with open(os.path.join(out, "bench", "summary.json")) as f:
+            summary = json.load(f)
+        naive_boxes = sum(len(b) for b in pq.read_table(naive_rows, columns=["scores"]).column("scores").to_pylist())
+    n = len(paths)
+    cpu = summary.get("cpu_ms_per_row") or {}
+    outside = {phase: cpu.get(phase, 0.0) for phase in ("decode", "preprocess", "postprocess", "actor_other")}
+    # What no phase accounts for: Ray itself (scheduling, serialising blocks, its own processes), the
+    # driver (listing, sink, Parquet), imports and the model's loading, all over the images ...
+    phases_ms = sum(outside.values()) + cpu.get("model", 0.0)
+    rest = detect["cpu_s"] * 1000 / n - phases_ms
+    # ... and once the first result is in: start-up (imports, Ray, actors, model load) left out.
+    first_s = summary.get("first_result_s") or 0.0
+    startup_cpu_s = detect["cpu_s_at"](first_s)
+    rest_steady = (detect["cpu_s"] - startup_cpu_s) * 1000 / n - phases_ms
+    figures = {
+        "model": args.preset or args.model or "default", "images": n, "batch_size": args.batch_size,
+        "cpu_count": os.cpu_count(),
+        "naive_s": round(naive["wall_s"], 2), "detect_s": round(detect["wall_s"], 2),
+        "speedup": round(naive["wall_s"] / detect["wall_s"], 3),
+        "naive_boxes": naive_boxes, "detect_boxes": summary["detections"], "detect_errors": summary["errors"],
+        "naive_first_result_s": naive["report"].get("first_result_s"),
+        "detect_first_result_s": summary.get("first_result_s"),
+        "naive_cpu_s": round(naive["cpu_s"], 2), "detect_cpu_s": round(detect["cpu_s"], 2),
+        "cpu_ms_per_image_model": round(cpu.get("model", 0.0), 2),
+        **{f"cpu_ms_per_image_{phase}": round(ms, 2) for phase, ms in outside.items()},
+        "detect_startup_cpu_s": round(startup_cpu_s, 2),
+        "cpu_ms_per_image_rest": round(rest, 2),
+        "cpu_ms_per_image_rest_after_first_result": round(rest_steady, 2),
+        "cpu_ms_per_image_outside_model": round(sum(outside.values()) + rest, 2),
+        "cpu_ms_per_image_outside_model_after_first_result": round(sum(outside.values()) + rest_steady, 2),
+        "cpu_ms_per_image_outside_model_in_actor": round(outside["preprocess"] + outside["postprocess"]
+                                                         + outside["actor_other"], 2),
+    }
+    _report(figures, args.json_out)
+    return 0
+
+
+def _tree_timed(argv: list[str]) -> dict:
+    """Run argv; its wall seconds, the CPU seconds of it and of every process it started (a local
+    Ray's included), how those grew over time (`cpu_s_at`), and the JSON object it printed last.
+
+    Waiting on the child alone (rusage) would miss most of Ray's processes: their parents do not
+    all reap them in a way that hands their CPU time on. So the tree is sampled (_TreeCpuSampler)."""
+    import subprocess
+
+    started = time.perf_counter()
+    # Its output goes to a file: a pipe would stay open as long as any process of the tree held it.
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(argv, stdout=out)
+        sampler = _TreeCpuSampler(proc.pid, started)
+        sampler.start()
+        proc.wait()
+        wall = time.perf_counter() - started
+        sampler.stop()
+        out.seek(0)
+        output = out.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"platescope bench: error: {' '.join(argv[1:4])} exited {proc.returncode}")
+    report = {}
+    for line in reversed(output.splitlines()):
+        if line.startswith("{"):
+            report = json.loads(line)
+            break
+    return {"wall_s": wall, "cpu_s": sampler.cpu_s_at(float("inf")), "report": report, "cpu_s_at": sampler.cpu_s_at}
+
+
+class _TreeCpuSampler:
+    """CPU seconds of a process tree over time, sampled every `interval_s` from its start (psutil), so
+    a figure can also be split at a moment, e.g. the first result: what came before it is start-up.
+    Each process counts with its latest sample, so one that ended between two samples loses what it
+    used in at most `interval_s` (the processes that end are Ray's, mostly idle by then)."""
+
+    def __init__(self, pid: int, started: float, interval_s: float = 0.1) -> None:
+        import threading
+
+        self.pid, self.started, self.interval_s = pid, started, interval_s
+        self.samples: list[tuple[float, float]] = []  # (seconds since started, CPU seconds so far)
+        self._latest: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for p in tree:
+                try:
+                    t = p.cpu_times()
+                    self._latest[(p.pid, p.create_time())] = t.user + t.system
+                except psutil.NoSuchProcess:
+                    pass
+            self.samples.append((time.perf_counter() - self.started, sum(self._latest.values())))
+            self._stop.wait(self.interval_s)
+
+    def cpu_s_at(self, seconds: float) -> float:
+        """The tree's CPU seconds at the last sample taken before `seconds` from its start."""
+        return max((cpu for at, cpu in self.samples if at <= seconds), default=0.0)
 
 
 def _report(figures: dict, json_out: str | None) -> None:

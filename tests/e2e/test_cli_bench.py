@@ -28,6 +28,21 @@ def test_bench_detect_measures_both_sides_on_the_same_images(tmp_path, scenes):
     assert f["ratio_total"] == round(f["detect_images_per_s_total"] / f["detector_images_per_s"], 3)
 
 
+def test_bench_detect_vs_naive_runs_both_whole_processes_and_splits_the_cpu(tmp_path, scenes):
+    f = bench(tmp_path, "detect", "--vs-naive", "--images", str(scenes), "--preset", "rtdetr-tiny-test",
+              "--num-images", "4", "--batch-size", "2")
+    assert f["images"] == 4 and f["detect_errors"] == 0
+    # the same model and threshold on the same images: the same boxes, whichever way they were run
+    assert f["detect_boxes"] == f["naive_boxes"] > 0
+    assert abs(f["speedup"] - f["naive_s"] / f["detect_s"]) < 0.01  # both times printed rounded
+    assert 0 < f["detect_first_result_s"] <= f["detect_s"] and 0 < f["naive_first_result_s"] <= f["naive_s"]
+    # detect's tree (Ray's processes included) used CPU, and at least what its phases account for
+    assert f["detect_cpu_s"] > 0 and f["naive_cpu_s"] > 0
+    phases = [f[f"cpu_ms_per_image_{p}"] for p in ("decode", "preprocess", "postprocess", "actor_other")]
+    assert all(v >= 0 for v in phases) and f["cpu_ms_per_image_decode"] > 0 and f["cpu_ms_per_image_rest"] > 0
+    assert abs(f["cpu_ms_per_image_outside_model_in_actor"] - sum(phases[1:])) <= 0.02  # each rounded
+
+
 def test_bench_evaluate_scores_the_generated_table_beside_pycocotools(tmp_path):
     f = bench(tmp_path, "evaluate", "--rows", "300", "--pycocotools")
     assert f["rows"] == 300 and f["boxes"] > 0 and f["detections"] > 0 and 0.0 < f["map"] < 1.0

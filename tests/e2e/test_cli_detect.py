@@ -33,10 +33,17 @@ def test_detect_end_to_end_prints_and_saves_the_summary(tmp_path, tiny_model, sc
     assert summary["rows"] == summary["images"] == 8 and summary["errors"] == 0
     assert summary["detections"] > 0 and summary["rows_per_s"] > 0
     assert summary["num_gpus_per_actor"] == 0.0  # no GPU in this cluster: CPU actors
+    # Where each image's CPU went, by phase, measured in the decode tasks and the detector actor; and
+    # when the first result came, counted from the process's start.
+    cpu = summary["cpu_ms_per_row"]
+    assert set(cpu) == {"decode", "preprocess", "model", "postprocess", "actor_other"}
+    assert cpu["decode"] > 0 and cpu["model"] > 0 and all(v >= 0 for v in cpu.values())
+    assert 0 < summary["first_result_s"] < summary["wall_time_s"] + 60
     config = json.loads((run_dir / "config.json").read_text())
     assert config["batch_size"] == 3 and config["video_fps"] == 2.0 and config["run_id"] == "e2e-1"
     table = pq.read_table(run_dir / "data")
     assert table.num_rows == 8 and set(table.column("run_id").to_pylist()) == {"e2e-1"}
+    assert not [name for name in table.column_names if name.startswith("cpu_ms")]  # measured, never written
 
 
 @pytest.mark.parametrize(

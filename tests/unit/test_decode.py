@@ -301,3 +301,37 @@ def test_prefetch_passes_a_fetch_error_to_its_item():
         except OSError as e:
             got.append(str(e))
     assert got == [0, 1, "boom", 3]
+
+
+# -- CPU time per row ----------------------------------------------------------------------------
+
+
+def test_each_row_carries_the_cpu_its_decode_took(tmp_path):
+    """A large image costs measurably more decode CPU than a tiny one; a read failure costs ~none."""
+    import numpy as np
+    from PIL import Image
+
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (2000, 2000, 3), np.uint8)).save(big)  # noise: slow to inflate
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(small)
+    item = shard(str(big), str(small), str(tmp_path / "gone.png"))
+    rows_of(item)  # the first failure imports the storage clients' error classes: not decode work
+    ms = [r["cpu_ms_decode"] for r in rows_of(item)]
+    assert all(isinstance(v, float) and v >= 0 for v in ms)
+    assert ms[0] > 10 * max(ms[1], ms[2], 0.1)
+
+
+def test_a_phase_clock_adds_up_cpu_by_phase_until_taken():
+    from platescope.cputime import PhaseClock
+
+    clock = PhaseClock()
+    with clock.phase("busy"):
+        deadline = time.process_time() + 0.05
+        while time.process_time() < deadline:
+            pass
+    with clock.phase("idle"):
+        time.sleep(0.05)  # waiting costs no CPU
+    taken = clock.take()
+    assert taken["busy"] >= 50 and taken["idle"] < 10
+    assert clock.take() == {}

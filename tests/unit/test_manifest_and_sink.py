@@ -87,6 +87,18 @@ def test_sink_writes_a_shard_only_when_whole_and_ignores_retried_rows(tmp_path):
     assert m.done_shards(str(tmp_path), None) == {"i000000": marker}
 
 
+def test_sink_adds_up_the_rows_cpu_columns_once_per_row_and_never_writes_them(tmp_path):
+    sink = ShardSink(str(tmp_path), "r1", None)
+    batch = _batch("i000000", [0, 1], total=2)
+    batch = batch.append_column("cpu_ms_decode", pa.array([3.0, 5.0], pa.float32()))
+    batch = batch.append_column("cpu_ms_model", pa.array([10.0, 10.0], pa.float32()))
+    assert sink.add(batch.slice(0, 1)) == []
+    assert sink.add(batch) == ["i000000"]  # row 0 again (a retried task): counted once
+    assert sink.cpu_ms_per_row() == {"decode": 4.0, "model": 10.0}
+    table = pq.read_table(tmp_path / "data" / "part-i000000.parquet")
+    assert table.num_rows == 2 and not [n for n in table.column_names if n.startswith("cpu_ms")]
+
+
 def test_a_name_that_is_not_utf8_is_listed_escaped_and_opens_again(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

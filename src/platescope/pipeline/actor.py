@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
+from platescope.pipeline.decode import CPU_DECODE
 from platescope.schema import BOX, Detections
 
 if TYPE_CHECKING:
@@ -41,6 +43,13 @@ OUTPUT_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+
+# CPU milliseconds each row cost, by phase: decode (fetch wait excluded, decode and resize included)
+# in the decode task; preprocess, model, postprocess and the rest of the batch in the actor, split
+# evenly over the batch's rows. Appended after OUTPUT_SCHEMA's columns; the sink adds them up for the
+# run's summary and never writes them.
+ACTOR_CPU_PHASES = ("preprocess", "model", "postprocess", "actor_other")
+CPU_COLUMNS = [CPU_DECODE, *(f"cpu_ms_{phase}" for phase in ACTOR_CPU_PHASES)]
 
 
 def _nullable(values: np.ndarray) -> list:
@@ -164,6 +173,11 @@ class DetectorActor:
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        started = time.process_time()
+        table = self._rows(batch)
+        return _with_cpu_columns(table, batch, self.detector, (time.process_time() - started) * 1000.0)
+
+    def _rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["shard"])
         errors = _nullable(batch["error"])
         todo = [i for i in range(n) if errors[i] is None]
@@ -196,3 +210,21 @@ class DetectorActor:
             error=errors,
         )
         return pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
+
+
+def _with_cpu_columns(table: pa.Table, batch: dict[str, np.ndarray], detector, batch_ms: float) -> pa.Table:
+    """The rows with their CPU milliseconds by phase (see CPU_COLUMNS). A detector without a phase
+    clock (Florence-2's generate loop) counts all its time as model."""
+    n = table.num_rows
+    clock = getattr(detector, "clock", None)
+    phases = clock.take() if clock is not None else {}
+    measured = sum(phases.get(p, 0.0) for p in ACTOR_CPU_PHASES[:3])
+    phases["actor_other"] = max(0.0, batch_ms - measured)
+    if clock is None:
+        phases["model"], phases["actor_other"] = batch_ms, 0.0
+    decode = batch.get(CPU_DECODE)
+    decode_ms = _nullable(decode) if decode is not None else [None] * n
+    table = table.append_column(CPU_DECODE, pa.array(decode_ms, pa.float32()))
+    for phase in ACTOR_CPU_PHASES:
+        table = table.append_column(f"cpu_ms_{phase}", pa.array([phases.get(phase, 0.0) / max(n, 1)] * n, pa.float32()))
+    return table

@@ -18,8 +18,9 @@ the run with it, instead of the bug being written into the table as one error ro
 from __future__ import annotations
 
 import functools
+import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,6 +40,9 @@ PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
 # and not yet decoded, so a shard of large objects is never held in memory whole.
 NUM_FETCH_THREADS = 8
 FETCH_WINDOW = 2 * NUM_FETCH_THREADS
+
+# The row column holding the CPU milliseconds its decode task spent on it (see _timed).
+CPU_DECODE = "cpu_ms_decode"
 
 # How an image is fetched: (uri, s3 options) -> its bytes. storage.read_bytes unless a caller says.
 Reader = Callable[[str, "S3Options | None"], bytes]
@@ -251,6 +255,21 @@ def _frame_for_model(image: np.ndarray, geometry: InputGeometry) -> np.ndarray:
         raise InputError("too_small", str(e)) from e
 
 
+def _timed(rows: Generator[dict[str, Any], None, None]) -> Iterator[dict[str, Any]]:
+    """Each row with `cpu_ms_decode`: this thread's CPU time making it (decoding, skipped video frames
+    and resizing; not the fetch threads' waits). The detector actor passes it on to the sink."""
+    try:
+        while True:
+            started = time.thread_time()
+            row = next(rows, None)
+            if row is None:
+                return
+            row[CPU_DECODE] = (time.thread_time() - started) * 1000.0
+            yield row
+    finally:
+        rows.close()  # a consumer that stops early stops the fetches now, not when collected
+
+
 def decode_shard(item: dict[str, Any], *, s3: S3Options | None, video_fps: float,
                  max_pixels: int, read: Reader | None = None, geometry: InputGeometry | None = None,
                  draft: bool = False) -> Iterator[dict[str, Any]]:
@@ -270,7 +289,7 @@ def decode_shard(item: dict[str, Any], *, s3: S3Options | None, video_fps: float
         rows = _image_rows(shard, entries, s3, max_pixels, read or storage.read_bytes, geometry, draft)
     previous = None
     seq = 0
-    for row in rows:
+    for row in _timed(rows):
         if previous is not None:
             yield previous
         row["seq"] = seq
@@ -278,7 +297,7 @@ def decode_shard(item: dict[str, Any], *, s3: S3Options | None, video_fps: float
         previous = row
         seq += 1
     if previous is None:  # only a video's segment can have no rows (see the module's docstring)
-        yield {**_row(shard, entries[0]["uri"], error=NO_ROWS), "seq": 0, "shard_rows": 0}
+        yield {**_row(shard, entries[0]["uri"], error=NO_ROWS), "seq": 0, "shard_rows": 0, CPU_DECODE: 0.0}
         return
     previous["shard_rows"] = seq
     yield previous

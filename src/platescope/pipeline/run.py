@@ -30,6 +30,7 @@ from typing import Any
 
 from platescope import storage
 from platescope.config import DetectConfig
+from platescope.cputime import process_started
 from platescope.pipeline import fingerprint as fingerprint_mod
 from platescope.pipeline.errors import (
     PreflightError,
@@ -207,7 +208,8 @@ def _run_owned(cfg: DetectConfig, s3: S3Options, run_dir: str, lease: RunLease, 
         num_gpus = ray_session.start()
         stats = _execute(cfg, s3, run_dir, todo, num_gpus, lease)
     else:
-        stats = {"rows": 0, "steady_rows_per_s": None, "num_gpus_per_actor": None}
+        stats = {"rows": 0, "steady_rows_per_s": None, "num_gpus_per_actor": None, "first_result_s": None,
+                 "cpu_ms_per_row": {}}
     lease.check()
     with storage_step("listing the completion markers under", run_dir, started=True):
         done = manifest_mod.done_shards(run_dir, s3)
@@ -218,6 +220,11 @@ def _run_owned(cfg: DetectConfig, s3: S3Options, run_dir: str, lease: RunLease, 
     )
     summary["rows_per_s_steady"] = stats["steady_rows_per_s"]
     summary["num_gpus_per_actor"] = stats["num_gpus_per_actor"]  # as resolved against the cluster
+    # Seconds from this process's start (imports included) to the first detection rows.
+    summary["first_result_s"] = stats["first_result_s"]
+    # CPU milliseconds per row by phase: decode (in the decode tasks); preprocess, model, postprocess
+    # and actor_other (the detector actor's rest: the batch's columns in and out).
+    summary["cpu_ms_per_row"] = stats["cpu_ms_per_row"]
     with storage_step("writing", storage.join(run_dir, SUMMARY_FILE), started=True):
         write_summary(summary, run_dir, s3)
     if cfg.evaluate is None:
@@ -437,4 +444,5 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict], n
     elapsed = time.monotonic() - first_at if first_at is not None else 0.0
     steady = (rows - first_rows) / elapsed if elapsed > 0 else None
     return {"rows": rows, "steady_rows_per_s": round(steady, 3) if steady else None,
-            "num_gpus_per_actor": num_gpus}
+            "num_gpus_per_actor": num_gpus, "cpu_ms_per_row": sink.cpu_ms_per_row(),
+            "first_result_s": round(first_at - process_started(), 3) if first_at is not None else None}

@@ -35,6 +35,7 @@ from platescope.sources.manifest import DONE_DIR, is_video_shard
 from platescope.storage import S3Options
 
 DATA_DIR = "data"
+CPU_PREFIX = "cpu_ms_"
 
 
 def error_kind(error: str) -> str:
@@ -72,6 +73,19 @@ class ShardSink:
         self.s3 = s3
         self.pending: dict[str, _Pending] = {}
         self.finished: dict[str, dict] = {}
+        # CPU milliseconds by phase over the rows taken (their cpu_ms_* columns, never written)
+        self.cpu_ms: Counter[str] = Counter()
+        self.cpu_rows = 0
+
+    def _count_cpu(self, rows: pa.Table) -> None:
+        names = [name for name in rows.column_names if name.startswith(CPU_PREFIX)]
+        for name in names:
+            self.cpu_ms[name.removeprefix(CPU_PREFIX)] += pc.sum(rows.column(name)).as_py() or 0.0
+        self.cpu_rows += rows.num_rows if names else 0
+
+    def cpu_ms_per_row(self) -> dict[str, float]:
+        """Mean CPU milliseconds per row taken, by phase (decode, preprocess, model, ...)."""
+        return {phase: round(ms / self.cpu_rows, 3) for phase, ms in self.cpu_ms.items()} if self.cpu_rows else {}
 
     def add(self, batch: pa.Table) -> list[str]:
         """Take one output batch; returns the shards it completed (and wrote)."""
@@ -95,7 +109,9 @@ class ShardSink:
                 if total >= 0:
                     state.expected = total
             if keep:
-                state.parts.append(part.take(keep))
+                kept = part.take(keep)
+                state.parts.append(kept)
+                self._count_cpu(kept)
             if state.expected is not None and len(state.seqs) == state.expected:
                 self._write(shard, pa.concat_tables(state.parts) if state.parts else None)
                 del self.pending[shard]
