@@ -333,6 +333,10 @@ class DetectConfig(_Strict):
     jpeg_draft: bool = Field(
         False, description="decode JPEGs at 1/2, 1/4 or 1/8 scale when the model's input is that much smaller "
         "(faster; pixels differ slightly from a full decode)")
+    compile: bool = Field(
+        False, description="torch.compile the model in each detector actor: faster per image after a compile of "
+        "minutes on first use, cached under ~/.cache/platescope/torch-compile for later runs; for long runs "
+        "(hf detectors)")
     progress: bool = Field(True, description="show a progress bar")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials")
     evaluate: EvaluationOptions | None = Field(
@@ -344,6 +348,8 @@ class DetectConfig(_Strict):
             _check_florence2_prompt(self.prompt)
         elif self.prompt or self.adapter:
             raise ValueError("prompt and adapter are for detector florence2")
+        if self.compile and self.detector != "hf":
+            raise ValueError("compile: only hf detectors are compiled (florence2 generates token by token)")
         return self
 
     @model_validator(mode="after")

@@ -120,6 +120,9 @@ def test_florence2_needs_a_detection_prompt_and_hf_takes_none():
         parse([*base, "--detector", "florence2", "--prompt", "licence plate"])
     with pytest.raises(ConfigError, match="prompt and adapter are for detector florence2"):
         parse([*base, "--prompt", "<OD>"])
+    assert parse([*base, "compile=true"]).compile is True
+    with pytest.raises(ConfigError, match="compile: only hf detectors are compiled"):
+        parse([*base, "--detector", "florence2", "--prompt", "<OD>", "compile=true"])
 
 
 TRAIN = ["name=run", "storage=/tmp/ckpt", "train=train.json"]

@@ -193,3 +193,18 @@ def test_s3_dir_is_cached_by_object_versions(tmp_path, monkeypatch, model_dirs: 
     HFDetector(uri, cache_dir=cache)
     assert len(downloads) == 2
     assert not [n for n in os.listdir(cache) if n.startswith(".tmp")]
+
+
+def test_a_compiled_detector_gives_the_same_boxes_and_keeps_its_compile_on_disk(tmp_path, monkeypatch):
+    cache = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))  # not the user's own cache
+    path = build_model_dir("yolos-tiny-test", str(tmp_path / "m"))
+    images = [_image(120, 160, 1), _image(120, 160, 2)]
+    plain = HFDetector(path, threshold=0.0, device="cpu", num_threads=1).detect(images)
+    compiled = HFDetector(path, threshold=0.0, device="cpu", num_threads=1, compile=True).detect(images)
+    for a, b in zip(plain, compiled):
+        np.testing.assert_array_equal(a.label_ids, b.label_ids)
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-2)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+    assert any(p.is_file() for p in cache.rglob("*"))  # what a later run on this machine loads
+    torch._dynamo.reset()  # compiled graphs are process-wide: leave none for later tests

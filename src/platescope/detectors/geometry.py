@@ -139,9 +139,11 @@ def read_geometry(model_dir: str, s3=None) -> InputGeometry | None:
     return geometry_from_config(config) if isinstance(config, dict) else None
 
 
-def to_pixel_values(images: list[np.ndarray], geometry: InputGeometry, device: Any) -> dict[str, Any]:
+def to_pixel_values(images: list[np.ndarray], geometry: InputGeometry, device: Any, *,
+                    channels_last: bool = False) -> dict[str, Any]:
     """Model-size uint8 images -> the processor's output tensors (pixel_values, and pixel_mask when it
-    pads), built on `device`: one host->device copy of uint8, then rescale and normalise there."""
+    pads), built on `device`: one host->device copy of uint8, then rescale and normalise there.
+    `channels_last` lays pixel_values out as a channels-last model wants them (same values)."""
     import torch
 
     heights = [im.shape[0] for im in images]
@@ -168,7 +170,8 @@ def to_pixel_values(images: list[np.ndarray], geometry: InputGeometry, device: A
     # Padding is zero after normalisation, as the processor pads the normalised image.
     valid = mask.to(pixels.device).unsqueeze(1).bool()
     pixels = torch.where(valid, pixels, torch.zeros((), device=pixels.device))
-    out = {"pixel_values": pixels.contiguous()}
+    out = {"pixel_values": pixels.contiguous(memory_format=torch.channels_last if channels_last
+                                             else torch.contiguous_format)}
     if geometry.do_pad:
         out["pixel_mask"] = mask.to(pixels.device)
     return out
