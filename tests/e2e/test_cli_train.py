@@ -104,19 +104,29 @@ def _dir_bytes(path: Path) -> int:
 
 
 def test_a_float16_export_is_half_the_size_and_detects_as_the_float32_one(plates, tmp_path):
-    """One run of a few steps, exported from its best checkpoint in float32, then (the same command
-    again: nothing left to train, so the same checkpoint) in float16. Augmentation is on, so the
-    loop's seeded augmentation of training batches runs too."""
+    """One run of a few steps through the CLI, exported from its best checkpoint in float32; then the
+    same checkpoint exported again in float16 by the same export function (a second `train` would
+    only start Ray to do that). Augmentation is on, so the loop's seeded augmentation runs too."""
+    from ray.train import Checkpoint
     from safetensors.torch import load_file
 
-    common = [*OVERFIT, f"train={plates}", f"storage={tmp_path / 'ckpt'}", "name=half", "num_workers=1",
-              "max_steps=4", "augment=true", "seed=5"]
+    from platescope.config import TrainConfig
+    from platescope.detectors.hf import HFDetector
+    from platescope.training.run import export_model
+
+    ckpt = tmp_path / "ckpt"
+    args = [*OVERFIT, f"train={plates}", f"storage={ckpt}", "name=half", "num_workers=1", "max_steps=4",
+            "augment=true", "seed=5"]
     f32, f16 = tmp_path / "f32", tmp_path / "f16"
-    for dtype, export in (("float32", f32), ("float16", f16)):
-        proc = train_cli(*common, f"export_dtype={dtype}", f"export={export}", env={})
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    info32, info16 = (json.loads((d / "platescope_training.json").read_text()) for d in (f32, f16))
-    assert info16["history"] == info32["history"] and info16["training_config"]["export_dtype"] == "float16"
+    proc = train_cli(*args, f"export={f32}", env={})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info32 = json.loads((f32 / "platescope_training.json").read_text())
+    (best,) = sorted((ckpt / "half").glob("epoch-*"))[-1:]
+    cfg16 = TrainConfig(**{**info32["training_config"], "export_dtype": "float16", "export": str(f16)})
+    history = export_model(Checkpoint.from_directory(str(best)), str(f16), cfg16, info32["val_metrics"],
+                           {0: "licence_plate"}, None)
+    info16 = json.loads((f16 / "platescope_training.json").read_text())
+    assert history == info16["history"] == info32["history"] and info16["training_config"]["export_dtype"] == "float16"
 
     # Every floating tensor is float16 and is the float32 export's, rounded; the rest is as it was.
     w32, w16 = load_file(str(f32 / "model.safetensors")), load_file(str(f16 / "model.safetensors"))
@@ -128,31 +138,25 @@ def test_a_float16_export_is_half_the_size_and_detects_as_the_float32_one(plates
     assert sum(w16[k].nbytes for k in floating) * 2 == sum(w32[k].nbytes for k in floating)
     assert 0.45 <= _dir_bytes(f16) / _dir_bytes(f32) <= 0.56, (_dir_bytes(f16), _dir_bytes(f32))
 
-    images = tmp_path / "images"  # the 8 scenes alone (plates_x8 adds copies beside them)
-    images.mkdir()
+    # detect's detector loads it (float32 in memory) and finds what the float32 export finds, box by
+    # box (nearest box: the order of near-equal scores may differ). A float16 weight is its float32
+    # value to within 2**-11 (relative); through this small network that moves outputs by the order of
+    # 1e-3 relative, i.e. well under 0.5 px on a 320 px image and under 5e-3 on a score (measured:
+    # 0.001 px, 2.5e-4), while distinct boxes here lie tens of px apart and a weight misread would be
+    # off by far more. (The first test runs an export through the detect CLI.)
+    detector = HFDetector(str(f16), threshold=0.0, device="cpu")
+    from platescope.sources.images import decode_image
+
     for image in json.loads(plates.read_text())["images"]:
-        shutil.copy(plates.parent / image["file_name"], images / image["file_name"])
-    out = tmp_path / "detections"
-    det = subprocess.run([*CLI, "detect", "--input", str(images), "--model", str(f16), "--output", str(out),
-                          "--run-id", "half", "--threshold", "0.0", "--no-progress"],
-                         check=False, capture_output=True, text=True, timeout=300)
-    assert det.returncode == 0, det.stderr[-3000:]
-    rows = {Path(r["source_uri"]).name: r for r in pq.read_table(out / "half" / "data").to_pylist()}
-    assert len(rows) == 8 and all(r["error"] is None and r["boxes"] for r in rows.values())
-    # Against the float32 export, box by box (nearest box: the order of near-equal scores may differ).
-    # A float16 weight is its float32 value to within 2**-11 (relative); through this small network
-    # that moves outputs by the order of 1e-3 relative, i.e. well under 0.5 px on a 320 px image and
-    # under 5e-3 on a score (measured: 0.001 px, 2.5e-4), while distinct boxes here lie tens of px
-    # apart and a weight misread would be off by far more.
-    for name, row in rows.items():
-        expected = plain_hf_boxes(str(f32), images / name)
-        got_boxes, got_scores = np.array(row["boxes"]).reshape(-1, 4), np.array(row["scores"])
-        assert len(got_boxes) == len(expected["boxes"])
-        distance = np.abs(expected["boxes"][:, None, :] - got_boxes[None, :, :]).max(axis=-1)
+        path = plates.parent / image["file_name"]
+        (found,) = detector.detect([decode_image(path.read_bytes(), name=str(path))])
+        expected = plain_hf_boxes(str(f32), path)
+        assert len(found.boxes) == len(expected["boxes"]) > 0
+        distance = np.abs(expected["boxes"][:, None, :] - found.boxes[None, :, :]).max(axis=-1)
         nearest = distance.argmin(axis=1)
-        assert len(set(nearest.tolist())) == len(nearest), name  # one to one
-        np.testing.assert_allclose(got_boxes[nearest], expected["boxes"], atol=0.5)
-        np.testing.assert_allclose(got_scores[nearest], expected["scores"], atol=5e-3)
+        assert len(set(nearest.tolist())) == len(nearest), path.name  # one to one
+        np.testing.assert_allclose(found.boxes[nearest], expected["boxes"], atol=0.5)
+        np.testing.assert_allclose(found.scores[nearest], expected["scores"], atol=5e-3)
 
 
 def plain_hf_boxes(model_dir: str, image_path: Path) -> dict[str, np.ndarray]:
