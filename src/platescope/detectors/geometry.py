@@ -66,12 +66,22 @@ class InputGeometry(BaseModel):
         """The uint8 image at model size, bit for bit what the processor's PIL backend resizes it to."""
         from PIL import Image
 
-        out_h, out_w = self.output_size(*image.shape[:2])
-        if min(out_h, out_w) < 1:
-            raise ValueError(f"a {image.shape[1]}x{image.shape[0]} image is too small for this model's input")
-        if (out_h, out_w) == image.shape[:2]:
+        if self._size_for(image.shape[0], image.shape[1]) == image.shape[:2]:
             return image
-        return np.asarray(Image.fromarray(image).resize((out_w, out_h), resample=self.resample))
+        return self.resize_image(Image.fromarray(image))
+
+    def resize_image(self, image: Any) -> np.ndarray:
+        """`resize` of a PIL RGB image, as a uint8 array (no array of the full-size image is made)."""
+        out_h, out_w = self._size_for(image.height, image.width)
+        if (out_h, out_w) != (image.height, image.width):
+            image = image.resize((out_w, out_h), resample=self.resample)
+        return np.asarray(image)
+
+    def _size_for(self, height: int, width: int) -> tuple[int, int]:
+        out_h, out_w = self.output_size(height, width)
+        if min(out_h, out_w) < 1:
+            raise ValueError(f"a {width}x{height} image is too small for this model's input")
+        return out_h, out_w
 
 
 def _aspect_size(height: int, width: int, size: int, max_size: int, *, yolos: bool) -> tuple[int, int]:
@@ -152,26 +162,34 @@ def to_pixel_values(images: list[np.ndarray], geometry: InputGeometry, device: A
     pad_w = geometry.pad_width or max(widths) if geometry.do_pad else max(widths)
     if not geometry.do_pad and (min(heights) != pad_h or min(widths) != pad_w):
         raise ValueError("images of different sizes need a processor that pads")
-    batch = torch.zeros((len(images), pad_h, pad_w, 3), dtype=torch.uint8)
-    mask = torch.zeros((len(images), pad_h, pad_w), dtype=torch.int64)
+    # One uint8 NHWC batch: its NCHW view below is already laid out channels-last, so a channels-last
+    # model takes it without a copy, and rescale + normalise are one fused pass (x * a + b).
+    padded = any(h != pad_h or w != pad_w for h, w in zip(heights, widths))
+    batch = (torch.zeros if padded else torch.empty)((len(images), pad_h, pad_w, 3), dtype=torch.uint8)
+    view = batch.numpy()  # one copy of each image, read-only or not (Ray's object store gives read-only)
     for i, im in enumerate(images):
-        # Arrays from Ray's object store are read-only; torch wants to own writable memory.
-        batch[i, : im.shape[0], : im.shape[1]] = torch.from_numpy(im if im.flags.writeable else im.copy())
-        mask[i, : im.shape[0], : im.shape[1]] = 1
+        view[i, : im.shape[0], : im.shape[1]] = im
     if device is not None and torch.device(device).type == "cuda":
         batch = batch.pin_memory()
-    pixels = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    if geometry.rescale_factor is not None:
-        pixels = pixels * geometry.rescale_factor
+    pixels = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    scale = torch.full((3,), geometry.rescale_factor if geometry.rescale_factor is not None else 1.0)
+    shift = torch.zeros(3)
     if geometry.image_mean is not None:
-        mean = torch.tensor(geometry.image_mean, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(geometry.image_std, device=pixels.device).view(1, 3, 1, 1)
-        pixels = (pixels - mean) / std
-    # Padding is zero after normalisation, as the processor pads the normalised image.
-    valid = mask.to(pixels.device).unsqueeze(1).bool()
-    pixels = torch.where(valid, pixels, torch.zeros((), device=pixels.device))
+        std = torch.tensor(geometry.image_std, dtype=torch.float64)
+        scale = (scale.double() / std).float()
+        shift = (-torch.tensor(geometry.image_mean, dtype=torch.float64) / std).float()
+    scale, shift = scale.view(1, 3, 1, 1).to(pixels.device), shift.view(1, 3, 1, 1).to(pixels.device)
+    pixels = torch.addcmul(shift, pixels.float(), scale)
+    mask = None
+    if geometry.do_pad:
+        mask = torch.zeros((len(images), pad_h, pad_w), dtype=torch.int64)
+        for i, im in enumerate(images):
+            mask[i, : im.shape[0], : im.shape[1]] = 1
+        mask = mask.to(pixels.device)
+        if padded:  # padding is zero after normalisation, as the processor pads the normalised image
+            pixels = torch.where(mask.unsqueeze(1).bool(), pixels, torch.zeros((), device=pixels.device))
     out = {"pixel_values": pixels.contiguous(memory_format=torch.channels_last if channels_last
                                              else torch.contiguous_format)}
-    if geometry.do_pad:
-        out["pixel_mask"] = mask.to(pixels.device)
+    if mask is not None:
+        out["pixel_mask"] = mask
     return out

@@ -71,7 +71,10 @@ def decode_image_for_model(data: bytes, geometry: InputGeometry, *, name: str, m
     if draft and image.format == "JPEG":
         stored = (out_w, out_h) if image.size == (width, height) else (out_h, out_w)
         image.draft(None, stored)  # the largest reduction that keeps at least `stored`
-    return geometry.resize(_decode(image, name=name)), width, height
+    oriented = _decode_oriented(image, name=name)
+    if oriented.mode == "RGB":  # the usual case: resized as it is, not through an array and back
+        return geometry.resize_image(oriented), width, height
+    return geometry.resize(_to_rgb_array(oriented)), width, height
 
 
 # EXIF orientations that swap width and height (the transposes and the 90-degree turns).
@@ -86,6 +89,11 @@ def _orientation(image: Image.Image) -> int:
 
 
 def _decode(image: Image.Image, *, name: str) -> np.ndarray:
+    return _to_rgb_array(_decode_oriented(image, name=name))
+
+
+def _decode_oriented(image: Image.Image, *, name: str) -> Image.Image:
+    """The decoded image, upright (EXIF orientation applied), in the mode it decoded to."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone in this process turned on PIL's global "accept truncated files" switch; then a
         # half-uploaded JPEG would decode to grey padding and be reported as a fine image.
@@ -100,8 +108,7 @@ def _decode(image: Image.Image, *, name: str) -> np.ndarray:
             kind, f"{image.format} {image.width}x{image.height} failed to decode: {exc}"
         ) from exc
 
-    image = _apply_exif_orientation(image, name=name)
-    return _to_rgb_array(image)
+    return _apply_exif_orientation(image, name=name)
 
 
 def _open(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -146,7 +153,8 @@ def _open(data: bytes, *, max_pixels: int) -> Image.Image:
 def _apply_exif_orientation(image: Image.Image, *, name: str) -> Image.Image:
     """Rotate to how viewers (and whoever drew the ground-truth boxes) see the photo."""
     try:
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright photo
+        return image
     except Exception as exc:  # noqa: BLE001 - EXIF parsing fails in many ways (struct, key, type)
         # A mangled EXIF block should not throw away a photo whose pixels decoded fine; the
         # orientation is then unknown and the stored one is the best guess.
