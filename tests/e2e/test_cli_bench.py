@@ -38,6 +38,7 @@ def test_bench_detect_vs_naive_runs_both_whole_processes_and_splits_the_cpu(tmp_
     assert 0 < f["detect_first_result_s"] <= f["detect_s"] and 0 < f["naive_first_result_s"] <= f["naive_s"]
     # detect's tree (Ray's processes included) used CPU, and at least what its phases account for
     assert f["detect_cpu_s"] > 0 and f["naive_cpu_s"] > 0
+    assert 0 < f["detect_cpu_s_before_first_result"] <= f["detect_cpu_s"]
     phases = [f[f"cpu_ms_per_image_{p}"] for p in ("decode", "preprocess", "postprocess", "actor_other")]
     assert all(v >= 0 for v in phases) and f["cpu_ms_per_image_decode"] > 0 and f["cpu_ms_per_image_rest"] > 0
     assert abs(f["cpu_ms_per_image_outside_model_in_actor"] - sum(phases[1:])) <= 0.02  # each rounded
