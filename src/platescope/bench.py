@@ -29,6 +29,9 @@ a fresh process, optionally beside pycocotools' COCOeval on the same boxes.
   Reports hours of footage per hour of wall time for each: segments spread one video's decoding over
   the cluster's CPUs, where a whole-file shard decodes on one task.
 
+`bench video --decode-options VIDEO...`: FFmpeg's decoder threading and frame skipping, each on the
+  given videos: time, and whether the sampled frames stay identical to the default's.
+
 `bench incremental`: time and peak memory of what `--incremental` reads before a nightly run starts,
 after R earlier nightly runs of N inputs each under the same output root.
 """
@@ -75,6 +78,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--seconds", type=float, default=600.0, help="--long: length of the generated 30 fps video")
     v.add_argument("--video-fps", type=float, default=1.0, help="--long: frames sampled per second")
     v.add_argument("--segment-s", type=float, help="--long: video_segment_s (default: detect's)")
+    v.add_argument("--decode-options", nargs="+", metavar="VIDEO",
+                   help="decode these videos with each FFmpeg threading and frame-skipping setting: time, and "
+                        "whether the sampled frames are identical to the default's")
     v.set_defaults(func=_cmd_bench_video)
     i = kinds.add_parser("incremental", help="--incremental's look at earlier runs: time and peak memory")
     i.add_argument("--runs", type=int, default=365, help="earlier nightly runs under the output root")
@@ -440,6 +446,8 @@ class _ObjectStorePeaks:
 def _cmd_bench_video(args: argparse.Namespace) -> int:
     if args.long:
         return _cmd_bench_long_video(args)
+    if args.decode_options:
+        return _cmd_bench_decode_options(args)
     import resource
 
     from platescope import samples
@@ -485,6 +493,45 @@ def _cmd_bench_video(args: argparse.Namespace) -> int:
                "frames_waiting_at_peak": waiting, "object_store_peak_mib_by_operator": by_operator,
                "video_if_held_whole_mib": round(summary["frames"] * frame_mib),
                "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    _report(figures, args.json_out)
+    return 0
+
+
+# FFmpeg decoder settings measured by --decode-options, the default (what detect uses) first.
+DECODE_OPTIONS = [
+    {"thread_type": "AUTO", "skip_frame": "DEFAULT"},
+    {"thread_type": "SLICE", "skip_frame": "DEFAULT"},
+    {"thread_type": "FRAME", "skip_frame": "DEFAULT"},
+    {"thread_type": "NONE", "skip_frame": "DEFAULT"},
+    {"thread_type": "AUTO", "skip_frame": "NONREF"},
+    {"thread_type": "AUTO", "skip_frame": "BIDIR"},
+]
+
+
+def _cmd_bench_decode_options(args: argparse.Namespace) -> int:
+    """Each video decoded (sampled at --video-fps) once per setting in this process: wall and CPU
+    seconds, and whether every sampled frame (index, timestamp and pixels) equals the default's."""
+    import hashlib
+    import resource
+
+    from platescope.sources.video import iter_video_frames
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads: FFmpeg's decoder threads too
+        return usage.ru_utime + usage.ru_stime
+
+    figures: dict = {"video_fps": args.video_fps}
+    for video in args.decode_options:
+        reference = None
+        for options in DECODE_OPTIONS:
+            name = f"{os.path.basename(video)} {options['thread_type']}/{options['skip_frame']}"
+            wall, used = time.perf_counter(), cpu()
+            frames = [(f.frame_index, f.timestamp_s, hashlib.sha1(f.image.tobytes()).hexdigest())
+                      for f in iter_video_frames(video, name=video, fps=args.video_fps, **options)]
+            wall, used = time.perf_counter() - wall, cpu() - used
+            reference = reference if reference is not None else frames
+            figures[name] = {"wall_s": round(wall, 2), "cpu_s": round(used, 2), "frames": len(frames),
+                             "identical": frames == reference}
     _report(figures, args.json_out)
     return 0
 

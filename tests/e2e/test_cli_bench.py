@@ -65,3 +65,16 @@ def test_bench_video_samples_every_frame_and_sees_frames_waiting(tmp_path, tiny_
     assert max(f["object_store_peak_mib_by_operator"].values()) > 0
     # counted in frames as the decoder ships them: at least one waited, never more than the video has
     assert f["shipped_frame_mib"] > 0 and 1 <= f["frames_waiting_at_peak"] <= 1.1 * f["frames"]
+
+
+def test_bench_video_decode_options_times_each_setting_and_checks_the_frames(tmp_path):
+    from platescope import samples
+
+    video = tmp_path / "clip.mp4"
+    samples.write_video(str(video), num_frames=60, fps=30, size=(160, 120))
+    f = bench(tmp_path, "video", "--decode-options", str(video), "--video-fps", "5")
+    runs = {k: v for k, v in f.items() if k.startswith("clip.mp4 ")}
+    assert len(runs) == 6 and all(r["wall_s"] >= 0 and r["frames"] > 0 for r in runs.values())
+    assert runs["clip.mp4 AUTO/DEFAULT"]["frames"] == 10  # 2 s at 5 fps
+    # threading never changes what is decoded: the same frames, pixel for pixel
+    assert all(runs[f"clip.mp4 {t}/DEFAULT"]["identical"] for t in ("AUTO", "SLICE", "FRAME", "NONE"))

@@ -45,7 +45,8 @@ class VideoFrame:
 
 def iter_video_frames(
     source: VideoSource, *, name: str, fps: float, max_pixels: int = DEFAULT_MAX_PIXELS,
-    start_s: float | None = None, end_s: float | None = None,
+    start_s: float | None = None, end_s: float | None = None, thread_type: str = "AUTO",
+    skip_frame: str = "DEFAULT",
 ) -> Iterator[VideoFrame]:
     """Yield the first frame at or after each k/fps seconds (k = 0, 1, ...), as upright RGB.
 
@@ -59,13 +60,19 @@ def iter_video_frames(
     is accepted for symmetry with `decode_image`; messages leave it out because the caller prefixes
     the input's URI. Errors of a file object's own `read` (network, credentials) propagate as they
     are, for the storage layer to report.
+
+    `thread_type` and `skip_frame` are FFmpeg's decoder settings. `platescope bench video
+    --decode-options` measures them on real footage and checks that the sampled frames stay
+    identical. The defaults are what that measurement kept: frame and slice threading give the same
+    pixels faster, and skipping frames does not give the same frames.
     """
     if math.isnan(fps):
         raise ValueError("fps must be a number (<= 0 or inf for every frame)")
     with _open(source) as container:
         stream = _video_stream(container)
         codec = stream.codec_context
-        codec.thread_type = "AUTO"
+        codec.thread_type = thread_type
+        codec.skip_frame = skip_frame
         _check_pixels(codec.width, codec.height, max_pixels)
 
         rate = _stream_rate(stream)
