@@ -49,7 +49,6 @@ OUTPUT_SCHEMA = pa.schema(
 # evenly over the batch's rows. Appended after OUTPUT_SCHEMA's columns; the sink adds them up for the
 # run's summary and never writes them.
 ACTOR_CPU_PHASES = ("preprocess", "model", "postprocess", "actor_other")
-CPU_COLUMNS = [CPU_DECODE, *(f"cpu_ms_{phase}" for phase in ACTOR_CPU_PHASES)]
 
 
 def _nullable(values: np.ndarray) -> list:
@@ -213,7 +212,7 @@ class DetectorActor:
 
 
 def _with_cpu_columns(table: pa.Table, batch: dict[str, np.ndarray], detector, batch_ms: float) -> pa.Table:
-    """The rows with their CPU milliseconds by phase (see CPU_COLUMNS). A detector without a phase
+    """The rows with their CPU milliseconds by phase (see ACTOR_CPU_PHASES). A detector without a phase
     clock (Florence-2's generate loop) counts all its time as model."""
     n = table.num_rows
     clock = getattr(detector, "clock", None)
