@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from platescope.pipeline.decode import CPU_DECODE
+from platescope.pipeline.decode import CPU_DECODE, CPU_PREFIX
 from platescope.schema import BOX, Detections
 
 if TYPE_CHECKING:
@@ -225,5 +225,5 @@ def _with_cpu_columns(table: pa.Table, batch: dict[str, np.ndarray], detector, b
     decode_ms = _nullable(decode) if decode is not None else [None] * n
     table = table.append_column(CPU_DECODE, pa.array(decode_ms, pa.float32()))
     for phase in ACTOR_CPU_PHASES:
-        table = table.append_column(f"cpu_ms_{phase}", pa.array([phases.get(phase, 0.0) / max(n, 1)] * n, pa.float32()))
+        table = table.append_column(f"{CPU_PREFIX}{phase}", pa.array([phases.get(phase, 0.0) / max(n, 1)] * n, pa.float32()))
     return table

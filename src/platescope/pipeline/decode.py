@@ -41,8 +41,10 @@ PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
 NUM_FETCH_THREADS = 8
 FETCH_WINDOW = 2 * NUM_FETCH_THREADS
 
-# The row column holding the CPU milliseconds its decode task spent on it (see _timed).
-CPU_DECODE = "cpu_ms_decode"
+# Row columns of CPU milliseconds by phase start with CPU_PREFIX (the sink adds them up and never
+# writes them); CPU_DECODE is what the decode task spent on the row (see _timed).
+CPU_PREFIX = "cpu_ms_"
+CPU_DECODE = CPU_PREFIX + "decode"
 
 # How an image is fetched: (uri, s3 options) -> its bytes. storage.read_bytes unless a caller says.
 Reader = Callable[[str, "S3Options | None"], bytes]

@@ -30,12 +30,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from platescope import storage
+from platescope.pipeline.decode import CPU_PREFIX
 from platescope.schema import DETECTIONS_SCHEMA
 from platescope.sources.manifest import DONE_DIR, is_video_shard
 from platescope.storage import S3Options
 
 DATA_DIR = "data"
-CPU_PREFIX = "cpu_ms_"
 
 
 def error_kind(error: str) -> str:
