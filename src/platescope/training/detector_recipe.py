@@ -16,6 +16,7 @@ from platescope.training.data import processor_inputs
 
 def build(cfg, id2label: dict[int, str], s3, checkpoint_dir: str | None) -> tuple[Any, Any]:
     """(model in train mode, processor): from the checkpoint when resuming, else the preset or model dir."""
+    import torch
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
     from platescope.detectors.loading import resolve_model
@@ -29,8 +30,10 @@ def build(cfg, id2label: dict[int, str], s3, checkpoint_dir: str | None) -> tupl
     weights = resolve_model(checkpoint_dir if checkpoint_dir is not None else cfg.model, s3=s3,
                             allow_unsafe_weights=cfg.allow_unsafe_weights)
     label2id = {name: i for i, name in id2label.items()}
+    # dtype explicitly: transformers 5 would keep a float16 export's dtype, and train it in float16.
     model = AutoModelForObjectDetection.from_pretrained(weights.path, id2label=id2label, label2id=label2id,
-                                                        ignore_mismatched_sizes=True, **weights.model_kwargs)
+                                                        ignore_mismatched_sizes=True, dtype=torch.float32,
+                                                        **weights.model_kwargs)
     return model.train(), AutoImageProcessor.from_pretrained(weights.path, **weights.processor_kwargs)
 
 

@@ -84,6 +84,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
 
     s3 = cfg.s3.options()
     train, val = _preflight(cfg, s3)
+    if cfg.model and not storage.is_s3(cfg.model) and os.path.isdir(cfg.model):
+        # Ray Train runs each worker in its own directory: a relative model dir would not be found there.
+        cfg = cfg.model_copy(update={"model": os.path.abspath(cfg.model)})
     # Workers hold their CPUs for the whole run; Ray Data's decode tasks need at least one more.
     # The dashboard serves the state API Ray Train's placement-group cleaner polls (without it, it
     # warns every few seconds and cannot clean up after a dead controller).
