@@ -31,6 +31,7 @@ DETECT_FLAGS = {
     "max_error_fraction": "max_error_fraction", "max_pixels": "max_pixels", "address": "address",
     "num_actors_min": "num_actors_min", "num_actors_max": "num_actors_max",
     "num_gpus_per_actor": "num_gpus_per_actor", "device": "device", "prompt": "prompt", "adapter": "adapter",
+    "nms_iou": "nms_iou",
 }
 DETECT_SWITCHES = {"strict": "strict", "incremental": "incremental", "no_progress": "progress"}
 EVALUATE_FLAGS = {
@@ -73,6 +74,8 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", help="florence2 task and phrase, e.g. '<CAPTION_TO_PHRASE_GROUNDING> licence plate'")
     p.add_argument("--adapter", help="florence2 PEFT LoRA adapter dir (local or s3://)")
     p.add_argument("--threshold", type=float, help="minimum box score (default 0.3)")
+    p.add_argument("--nms-iou", dest="nms_iou", type=float,
+                   help="drop a box overlapping a higher-scored one of its label above this IoU (default off)")
     p.add_argument("--video-fps", dest="video_fps", type=float, help="video frames sampled per second (default 1)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="images per detector call (default 8)")
     p.add_argument("--max-error-fraction", dest="max_error_fraction", type=float,

@@ -337,6 +337,9 @@ class DetectConfig(_Strict):
         False, description="torch.compile the model in each detector actor: faster per image after a compile of "
         "minutes on first use, cached under ~/.cache/platescope/torch-compile for later runs; for long runs "
         "(hf detectors)")
+    nms_iou: float | None = Field(
+        None, gt=0.0, le=1.0, description="class-wise non-maximum suppression of boxes overlapping a higher-scored "
+        "box of the same label above this IoU (hf detectors; DETR-family models trained briefly give near-duplicates)")
     progress: bool = Field(True, description="show a progress bar")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials")
     evaluate: EvaluationOptions | None = Field(
@@ -350,6 +353,8 @@ class DetectConfig(_Strict):
             raise ValueError("prompt and adapter are for detector florence2")
         if self.compile and self.detector != "hf":
             raise ValueError("compile: only hf detectors are compiled (florence2 generates token by token)")
+        if self.nms_iou is not None and self.detector != "hf":
+            raise ValueError("nms_iou: only hf detectors' boxes are suppressed (florence2's boxes have no scores)")
         return self
 
     @model_validator(mode="after")
@@ -398,6 +403,15 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast dtype on GPU (auto: bf16 where supported, else fp16); CPU runs fp32")
     augment: bool = Field(True, description="albumentations on training images (never on val)")
+    augment_recipe: Literal["basic", "cameras"] = Field(
+        "cameras", description="cameras: scale/translation jitter, blur, JPEG quality, noise, greyscale and dark "
+        "exposures for unseen cameras, on top of basic; basic: flips, mild perspective and colour")
+    input_height: int | None = Field(
+        None, ge=32, description="hf: train (and export) at this input height; with input_width (default: the "
+        "model's or preset's own)")
+    input_width: int | None = Field(None, ge=32, description="hf: input width; with input_height")
+    letterbox: bool = Field(
+        True, description="hf, with input_height/width: keep the image's aspect and pad to that size (else stretch)")
     min_box_size: float = Field(2.0, ge=0, description="boxes thinner than this (px) after augmentation are dropped")
     num_checkpoints_to_keep: int = Field(2, ge=1, description="best checkpoints kept, by val mAP")
     max_failures: int = Field(3, ge=0, description="worker failures survived by restarting from the last checkpoint")
@@ -426,6 +440,14 @@ class TrainConfig(_Strict):
                      if getattr(self, name) != unset]
             if given:
                 raise ValueError(f"{', '.join(given)}: only for detector florence2")
+        return self
+
+    @model_validator(mode="after")
+    def _input_size(self) -> TrainConfig:
+        if (self.input_height is None) != (self.input_width is None):
+            raise ValueError("input_height, input_width: give both or neither")
+        if self.input_height is not None and self.detector != "hf":
+            raise ValueError("input_height, input_width: only for hf detectors (Florence-2 has its own input size)")
         return self
 
     @property

@@ -93,13 +93,13 @@ def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
                for x, y in zip(a[key], b[key]))
 
 
-def test_the_augmentation_is_built_once_per_box_size(monkeypatch):
+def test_the_augmentation_is_built_once_per_recipe_and_box_size(monkeypatch):
     built = []
     real = data.augmentation
 
-    def counting(min_box_size, seed=None):
-        built.append(min_box_size)
-        return real(min_box_size, seed)
+    def counting(min_box_size, seed=None, recipe="cameras"):
+        built.append((recipe, min_box_size))
+        return real(min_box_size, seed, recipe)
 
     monkeypatch.setattr(data, "augmentation", counting)
     monkeypatch.setattr(data, "_TRANSFORMS", {})
@@ -107,9 +107,34 @@ def test_the_augmentation_is_built_once_per_box_size(monkeypatch):
     for epoch in range(3):
         data.augment_batch(batch, seed=0, epoch=epoch, min_box_size=2.0)
     data.augment_batch(batch, seed=0, epoch=0, min_box_size=4.0)
-    assert built == [2.0, 4.0]  # 3 epochs x 6 images at 2 px, 6 at 4 px: one Compose each
-    assert data.transform_for(2.0) is data.transform_for(2.0) is data._TRANSFORMS[2.0]
-    assert set(data._TRANSFORMS) == {2.0, 4.0}
+    data.augment_batch(batch, seed=0, epoch=0, min_box_size=2.0, recipe="basic")
+    # 3 epochs x 6 images at 2 px, 6 at 4 px, 6 with the basic recipe: one Compose each
+    assert built == [("cameras", 2.0), ("cameras", 4.0), ("basic", 2.0)]
+    assert data.transform_for(2.0) is data.transform_for(2.0) is data._TRANSFORMS[("cameras", 2.0)]
+    assert set(data._TRANSFORMS) == {("cameras", 2.0), ("cameras", 4.0), ("basic", 2.0)}
+
+
+def test_the_cameras_recipe_moves_scales_and_darkens_where_basic_does_not():
+    """Over many draws the cameras recipe changes where boxes are and how big (scale and translation
+    jitter) and makes some images much darker; basic only flips and tints, so box sizes stay put."""
+    batch = scenes_batch()
+    widths = {"basic": set(), "cameras": set()}
+    darkest = {"basic": 1.0, "cameras": 1.0}
+    for recipe in widths:
+        for epoch in range(12):
+            out = data.augment_batch(batch, seed=1, epoch=epoch, min_box_size=2.0, recipe=recipe)
+            for image, before, boxes in zip(out["image"], batch["image"], out["boxes"]):
+                boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+                widths[recipe].update(np.round(boxes[:, 2]).astype(int).tolist())
+                darkest[recipe] = min(darkest[recipe], float(np.mean(image)) / max(float(np.mean(before)), 1.0))
+    original = {int(round(w)) for b in batch["boxes"] for w in np.asarray(b, np.float32).reshape(-1, 4)[:, 2]}
+    assert len(widths["cameras"] - original) > len(widths["basic"] - original) + 5
+    assert darkest["cameras"] < darkest["basic"] - 0.15, darkest
+
+
+def test_an_unknown_recipe_is_refused_by_name():
+    with pytest.raises(ValueError, match="augment_recipe: 'sunny'"):
+        data.augmentation(2.0, recipe="sunny")
 
 
 def test_the_same_seed_augments_identically_and_another_seed_differently(monkeypatch):

@@ -84,6 +84,27 @@ class InputGeometry(BaseModel):
         return out_h, out_w
 
 
+def canvas_target_sizes(image_sizes: list[tuple[int, int]], geometry: InputGeometry | None,
+                        canvas: tuple[int, int]) -> list[tuple[float, float]]:
+    """The (height, width) to scale each image's relative boxes by, in its original pixels.
+
+    A processor that pads normalises training boxes to the padded canvas, so a model's relative boxes
+    are fractions of the canvas, not of the image; transformers' post-processing scales them by the
+    image size, which is only right when nothing was padded. Here each image's canvas is measured in
+    its original pixels: canvas / resized size * original size (the image size itself when unpadded)."""
+    out = []
+    for height, width in image_sizes:
+        resized = geometry.output_size(height, width) if geometry is not None else canvas
+        out.append((canvas[0] * height / resized[0], canvas[1] * width / resized[1]))
+    return out
+
+
+def clip_boxes(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """x_min, y_min, x_max, y_max boxes clipped to an image of (height, width)."""
+    height, width = image_size
+    return np.clip(boxes, 0, [width, height, width, height]).astype(boxes.dtype, copy=False)
+
+
 def _aspect_size(height: int, width: int, size: int, max_size: int, *, yolos: bool) -> tuple[int, int]:
     """transformers' get_size_with_aspect_ratio (and its YOLOS variant: the landscape/portrait test
     comes first, and both sides round down to a multiple of 16), written out for CPU tasks."""

@@ -22,7 +22,8 @@ import numpy as np
 
 # check_weights, hash_weights and local_model_dir are still importable from here, where they were first.
 from platescope.cputime import PhaseClock
-from platescope.detectors.geometry import geometry_from_config, to_pixel_values
+from platescope.detectors.geometry import canvas_target_sizes, clip_boxes, geometry_from_config, to_pixel_values
+from platescope.detectors.nms import class_wise_nms
 from platescope.detectors.loading import check_weights, hash_weights, local_model_dir, resolve_model  # noqa: F401
 from platescope.schema import Detections
 from platescope.storage import S3Options
@@ -51,6 +52,7 @@ class HFDetector:
         num_threads: int | None = None,
         cache_dir: str | None = None,
         compile: bool = False,
+        nms_iou: float | None = None,
     ) -> None:
         import torch
         from transformers import AutoImageProcessor, AutoModelForObjectDetection
@@ -58,6 +60,8 @@ class HFDetector:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.threshold = float(threshold)
+        # Class-wise NMS after post-processing (None: off), for models that give near-duplicate boxes.
+        self.nms_iou = None if nms_iou is None else float(nms_iou)
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else "cpu" if device == "auto" else device)
         # Weights stay float32; half precision is autocast on GPU, which keeps softmax, norms and box
@@ -166,9 +170,15 @@ class HFDetector:
                 inputs["pixel_values"] = inputs["pixel_values"].contiguous(memory_format=torch.channels_last)
         return self._run(inputs, [image.shape[:2] for image in images])
 
-    def _run(self, inputs: dict[str, Any], target_sizes: list[tuple[int, int]]) -> list[Detections]:
-        """The model on prepared inputs, then the processor's own post-processing to target sizes."""
+    def _run(self, inputs: dict[str, Any], image_sizes: list[tuple[int, int]]) -> list[Detections]:
+        """The model on prepared inputs, then the processor's own post-processing to the original image
+        sizes (of a padded canvas, when the batch was padded: see geometry.canvas_target_sizes)."""
         import torch
+
+        pixels = inputs.get("pixel_values")
+        target_sizes = (canvas_target_sizes(image_sizes, self.geometry, tuple(pixels.shape[-2:]))
+                        if pixels is not None else image_sizes)
+        padded = any(tuple(map(float, t)) != tuple(map(float, s)) for t, s in zip(target_sizes, image_sizes))
 
         amp = (torch.autocast(self.device.type, dtype=self._amp_dtype) if self._amp_dtype is not None
                else contextlib.nullcontext())
@@ -182,14 +192,19 @@ class HFDetector:
                 outputs.pred_boxes = outputs.pred_boxes.float().cpu()
             with self.clock.phase("postprocess"):
                 results = self.processor.post_process_object_detection(
-                    outputs, threshold=self.threshold, target_sizes=target_sizes
+                    outputs, threshold=self.threshold, target_sizes=target_sizes if padded else image_sizes
                 )
                 detections = []
                 for r in results:
-                    label_ids = r["labels"].numpy()
+                    boxes, scores, label_ids = r["boxes"].numpy(), r["scores"].numpy(), r["labels"].numpy()
+                    if padded:  # a box may reach into the padding; the image ends where it ends
+                        boxes = clip_boxes(boxes, image_sizes[len(detections)])
+                    if self.nms_iou is not None:
+                        keep = class_wise_nms(boxes, scores, label_ids, self.nms_iou)
+                        boxes, scores, label_ids = boxes[keep], scores[keep], label_ids[keep]
                     detections.append(Detections(
-                        boxes=r["boxes"].numpy(),
-                        scores=r["scores"].numpy(),
+                        boxes=boxes,
+                        scores=scores,
                         label_ids=label_ids,
                         labels=[self._id2label.get(int(i), str(int(i))) for i in label_ids],
                     ))

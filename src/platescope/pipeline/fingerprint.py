@@ -40,7 +40,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 FORMAT = 1
 # Config fields whose values go into the fingerprint as they are (plus the weights hashes).
 ROW_FIELDS = ("detector", "model", "adapter", "prompt", "threshold", "video_fps", "max_pixels",
-              "max_new_tokens", "dtype", "strict", "trust_remote_code", "jpeg_draft")
+              "max_new_tokens", "dtype", "strict", "trust_remote_code", "jpeg_draft", "nms_iou")
 WEIGHTS_FIELDS = {"model": "model_weights", "adapter": "adapter_weights"}
 
 

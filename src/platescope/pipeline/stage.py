@@ -49,6 +49,7 @@ class DetectorSpec(BaseModel):
     adapter: str | None = None
     max_new_tokens: int = 256
     compile: bool = False  # torch.compile the model (hf detectors)
+    nms_iou: float | None = None  # class-wise NMS after post-processing (hf detectors)
     # The model's input geometry when the decode tasks resize to it (None: the detector's processor
     # prepares full-size images); the actor checks it against the processor it loads.
     geometry: InputGeometry | None = None
@@ -63,7 +64,8 @@ class DetectorSpec(BaseModel):
             trust_remote_code=cfg.trust_remote_code, allow_unsafe_weights=cfg.allow_unsafe_weights, s3=s3,
             num_threads=cfg.num_threads_per_actor, num_gpus=num_gpus, num_cpus_per_actor=cfg.num_cpus_per_actor,
             num_actors_max=cfg.num_actors_max, prompt=cfg.prompt, adapter=cfg.adapter,
-            max_new_tokens=cfg.max_new_tokens, compile=cfg.compile, geometry=geometry,
+            max_new_tokens=cfg.max_new_tokens, compile=cfg.compile, nms_iou=cfg.nms_iou,
+            geometry=geometry,
         )
 
 

@@ -57,33 +57,57 @@ def read_coco_set(uri: str, s3: S3Options | None, id2label: dict[int, str] | Non
     return LabelledSet(gt, records, id2label)
 
 
-def augmentation(min_box_size: float, seed: int | None = None):
-    """The seed recipe: mild perspective, horizontal flip, brightness/contrast and hue/saturation;
-    boxes are clipped to the image and boxes left thinner than min_box_size are dropped. `seed`
-    seeds its random draws (`augment` reseeds per image)."""
-    import albumentations as A
+AUGMENT_RECIPES = ("basic", "cameras")
 
+
+def augmentation(min_box_size: float, seed: int | None = None, recipe: str = "cameras"):
+    """An albumentations Compose; boxes are clipped to the image and boxes left thinner than
+    min_box_size are dropped. `seed` seeds its random draws (`augment` reseeds per image).
+
+    basic: mild perspective, horizontal flip, brightness/contrast and hue/saturation (the recipe the
+    first default model was trained with).
+    cameras: aimed at cameras the training set never saw. Scale and translation jitter (plates from
+    half to 1.3x their size, anywhere in the frame), blur (motion, focus), JPEG re-compression,
+    sensor noise, greyscale, and dark or flat exposures like night footage, on top of basic."""
+    import albumentations as A
+    import cv2
+
+    if recipe not in AUGMENT_RECIPES:
+        raise ValueError(f"augment_recipe: {recipe!r} is not one of {', '.join(AUGMENT_RECIPES)}")
+    basic = [
+        A.Perspective(scale=(0.02, 0.06), p=0.3),
+        A.HorizontalFlip(p=0.5),
+        A.RandomBrightnessContrast(p=0.5),
+        A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=15, p=0.3),
+    ]
+    cameras = [
+        A.Affine(scale=(0.5, 1.3), translate_percent=(-0.15, 0.15), rotate=(-5, 5), shear=(-4, 4),
+                 keep_ratio=True, border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.6),
+        *basic,
+        A.OneOf([A.MotionBlur(blur_limit=(3, 9)), A.GaussianBlur(blur_limit=(3, 5)),
+                 A.Downscale(scale_range=(0.35, 0.7))], p=0.35),
+        A.ImageCompression(quality_range=(25, 90), p=0.4),
+        A.GaussNoise(std_range=(0.02, 0.08), noise_scale_factor=0.5, p=0.25),
+        A.ToGray(p=0.1),
+        A.OneOf([A.RandomGamma(gamma_limit=(150, 300)),  # dark, as at night
+                 A.RandomBrightnessContrast(brightness_limit=(-0.5, -0.2), contrast_limit=(-0.5, 0.0))], p=0.2),
+    ]
     return A.Compose(
-        [
-            A.Perspective(scale=(0.02, 0.06), p=0.3),
-            A.HorizontalFlip(p=0.5),
-            A.RandomBrightnessContrast(p=0.5),
-            A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=15, p=0.3),
-        ],
+        cameras if recipe == "cameras" else basic,
         bbox_params=A.BboxParams(format="coco", label_fields=["labels"], clip=True,
                                  min_width=min_box_size, min_height=min_box_size),
         seed=seed,
     )
 
 
-_TRANSFORMS: dict[float, Any] = {}  # one Compose per process and box size: building it is not free
+_TRANSFORMS: dict[tuple[str, float], Any] = {}  # one Compose per process, recipe and box size: not free to build
 
 
-def transform_for(min_box_size: float):
-    """This process's Compose for `min_box_size`, built on first use and kept."""
-    transform = _TRANSFORMS.get(min_box_size)
+def transform_for(min_box_size: float, recipe: str = "cameras"):
+    """This process's Compose for (`recipe`, `min_box_size`), built on first use and kept."""
+    transform = _TRANSFORMS.get((recipe, min_box_size))
     if transform is None:
-        transform = _TRANSFORMS[min_box_size] = augmentation(min_box_size)
+        transform = _TRANSFORMS[(recipe, min_box_size)] = augmentation(min_box_size, recipe=recipe)
     return transform
 
 
@@ -94,9 +118,9 @@ def augment_seed(seed: int, epoch: int, image_id: int) -> int:
 
 
 def augment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, seed: int, epoch: int, image_id: int,
-            min_box_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            min_box_size: float, recipe: str = "cameras") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image and its COCO xywh boxes and labels, augmented as (seed, epoch, image_id) draws."""
-    transform = transform_for(min_box_size)
+    transform = transform_for(min_box_size, recipe)
     transform.set_random_seed(augment_seed(seed, epoch, image_id))
     out = transform(image=np.asarray(image), bboxes=np.asarray(boxes, np.float32).reshape(-1, 4),
                     labels=np.asarray(labels, np.int64).reshape(-1))
@@ -105,13 +129,13 @@ def augment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, seed: i
 
 
 def augment_batch(batch: dict[str, np.ndarray], *, seed: int, epoch: int,
-                  min_box_size: float) -> dict[str, np.ndarray]:
+                  min_box_size: float, recipe: str = "cameras") -> dict[str, np.ndarray]:
     """A Ray Data numpy batch (as `dataset` yields) with every image augmented (see the module doc);
     boxes and labels come back one array per image, as augmentation may drop some."""
     images, boxes, labels = [], [], []
     for image, b, lab, image_id in zip(batch["image"], batch["boxes"], batch["labels"], batch["image_id"]):
         image, b, lab = augment(image, b, lab, seed=seed, epoch=epoch, image_id=int(image_id),
-                                min_box_size=min_box_size)
+                                min_box_size=min_box_size, recipe=recipe)
         images.append(image)
         boxes.append(b.reshape(-1))
         labels.append(lab)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from platescope.detectors.geometry import canvas_target_sizes, clip_boxes, geometry_from_config
 from platescope.training.data import processor_inputs
 
 
@@ -25,7 +26,7 @@ def build(cfg, id2label: dict[int, str], s3, checkpoint_dir: str | None) -> tupl
     if checkpoint_dir is None and cfg.preset:
         # In memory: under torch.distributed only rank 0 may write a model dir (save_pretrained).
         model, processor = build_model(cfg.preset, id2label=id2label, seed=cfg.seed)
-        return model.train(), processor
+        return model.train(), with_input_size(processor, cfg)
     # The loading policy of detect: safetensors only unless allow_unsafe_weights, no remote code.
     weights = resolve_model(checkpoint_dir if checkpoint_dir is not None else cfg.model, s3=s3,
                             allow_unsafe_weights=cfg.allow_unsafe_weights)
@@ -34,7 +35,23 @@ def build(cfg, id2label: dict[int, str], s3, checkpoint_dir: str | None) -> tupl
     model = AutoModelForObjectDetection.from_pretrained(weights.path, id2label=id2label, label2id=label2id,
                                                         ignore_mismatched_sizes=True, dtype=torch.float32,
                                                         **weights.model_kwargs)
-    return model.train(), AutoImageProcessor.from_pretrained(weights.path, **weights.processor_kwargs)
+    processor = AutoImageProcessor.from_pretrained(weights.path, **weights.processor_kwargs)
+    return model.train(), with_input_size(processor, cfg)
+
+
+def with_input_size(processor, cfg):
+    """The processor at the config's input size, when it sets one: letterboxed (aspect kept, fitted in
+    input_height x input_width, zero-padded at the bottom and right to exactly that size) or stretched.
+    Exported with the model, so `detect` sees the images as training did."""
+    if cfg.input_height is None:
+        return processor
+    height, width = cfg.input_height, cfg.input_width
+    if cfg.letterbox:
+        change = {"size": {"max_height": height, "max_width": width}, "do_pad": True,
+                  "pad_size": {"height": height, "width": width}}
+    else:
+        change = {"size": {"height": height, "width": width}, "do_pad": False, "pad_size": None}
+    return type(processor).from_dict({**processor.to_dict(), **change})
 
 
 def _encode(processor, batch, device, with_labels: bool):
@@ -56,9 +73,12 @@ def predict(model, processor, batch: dict[str, np.ndarray], cfg, id2label: dict[
     inputs, images = _encode(processor, batch, device, with_labels=False)
     outputs = model(**inputs)
     sizes = [im.shape[:2] for im in images]
-    results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
-    return [(r["boxes"].float().cpu().numpy(), r["scores"].float().cpu().numpy(), r["labels"].cpu().numpy())
-            for r in results]
+    # A padded batch's boxes are fractions of the canvas (as the training targets were), as in detect.
+    targets = canvas_target_sizes(sizes, geometry_from_config(processor.to_dict()),
+                                  tuple(inputs["pixel_values"].shape[-2:]))
+    results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=targets)
+    return [(clip_boxes(r["boxes"].float().cpu().numpy(), size), r["scores"].float().cpu().numpy(),
+             r["labels"].cpu().numpy()) for r, size in zip(results, sizes)]
 
 
 def save(model, processor, directory: str) -> None:
