@@ -33,7 +33,8 @@ DETECT_FLAGS = {
     "num_gpus_per_actor": "num_gpus_per_actor", "device": "device", "prompt": "prompt", "adapter": "adapter",
     "nms_iou": "nms_iou",
 }
-DETECT_SWITCHES = {"strict": "strict", "incremental": "incremental", "no_progress": "progress"}
+DETECT_SWITCHES = {"strict": "strict", "incremental": "incremental", "no_progress": "progress",
+                   "track": "track", "crops": "crops"}
 EVALUATE_FLAGS = {
     "detections": "detections", "ground_truth": "ground_truth", "output": "output",
     "ground_truth_format": "ground_truth_format", "input_root": "input_root",
@@ -90,6 +91,10 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
                    help="unsupported file types become error rows instead of being skipped")
     p.add_argument("--incremental", action="store_true", default=None,
                    help="only inputs no earlier run under --output has finished")
+    p.add_argument("--track", action="store_true", default=None,
+                   help="link each video's detections into tracks: <run>/tracks/ (tracker.* overrides tune it)")
+    p.add_argument("--crops", action="store_true", default=None,
+                   help="with --track: a JPEG of each track's best view under <run>/crops/")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", default=None,
                    help="no progress bar")
     p.add_argument("--ground-truth", dest="ground_truth",

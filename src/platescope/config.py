@@ -282,6 +282,32 @@ class LoraOptions(_Strict):
         description="module name suffixes that get an adapter (default: all attention projections)")
 
 
+class TrackOptions(_Strict):
+    """How `detect --track` links a video's detections into tracks (ByteTrack, pipeline.tracks). The
+    defaults were measured on real footage sampled at 1-5 fps (README, Detect)."""
+
+    iou: float = Field(
+        0.1, gt=0.0, le=1.0, description="least IoU between a track's predicted box and a detection, both widened "
+        "by buffer, for the detection to continue the track")
+    buffer: float = Field(
+        0.5, ge=0.0, le=5.0, description="boxes are widened by this share of their width and height on each side "
+        "before they are compared (buffered IoU): at 1-2 fps a car's plate moves farther than its own size between "
+        "samples, and unwidened boxes would not overlap")
+    lost_track_s: float = Field(
+        1.0, ge=0.0, description="seconds of sampled frames a track waits for its plate to be detected again "
+        "before it ends")
+    min_frames: int = Field(2, ge=1, description="tracks detected in fewer sampled frames are left out")
+    high_score: float = Field(
+        0.5, ge=0.0, le=1.0, description="detections scoring at least this start tracks and are matched first; "
+        "lower ones (down to the run's threshold) only continue tracks (ByteTrack's two stages)")
+    duplicate_iou: float = Field(
+        0.3, gt=0.0, le=1.0, description="a box overlapping a higher-scored box of its label in the same frame "
+        "above this IoU is a duplicate of it and is not tracked")
+    crop_margin: float = Field(
+        0.25, ge=0.0, le=5.0, description="crops: the crop reaches this share of the box's width and height "
+        "beyond it on each side")
+
+
 # Resource requests no node could ever grant would wait forever; they fail before any work instead.
 _FITS = " (checked before any work against the largest node, live or one the autoscaler can add)"
 
@@ -340,6 +366,13 @@ class DetectConfig(_Strict):
     nms_iou: float | None = Field(
         None, gt=0.0, le=1.0, description="class-wise non-maximum suppression of boxes overlapping a higher-scored "
         "box of the same label above this IoU (hf detectors; DETR-family models trained briefly give near-duplicates)")
+    track: bool = Field(
+        False, description="link each video's detections across its sampled frames into tracks, one row per "
+        "plate sighting in <run>/tracks/part-<video>.parquet, made once all the video's shards are done")
+    crops: bool = Field(
+        False, description="with track: a JPEG of each track's best view around its box, under <run>/crops/ (the "
+        "frame is decoded again)")
+    tracker: TrackOptions = Field(default_factory=TrackOptions, description="track: how detections are linked")
     progress: bool = Field(True, description="show a progress bar")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials")
     evaluate: EvaluationOptions | None = Field(
@@ -355,6 +388,12 @@ class DetectConfig(_Strict):
             raise ValueError("compile: only hf detectors are compiled (florence2 generates token by token)")
         if self.nms_iou is not None and self.detector != "hf":
             raise ValueError("nms_iou: only hf detectors' boxes are suppressed (florence2's boxes have no scores)")
+        return self
+
+    @model_validator(mode="after")
+    def _crops_need_tracks(self) -> DetectConfig:
+        if self.crops and not self.track:
+            raise ValueError("crops: a crop is cut for each track; set track as well")
         return self
 
     @model_validator(mode="after")
