@@ -1,6 +1,6 @@
-"""The detections table: one row per image or sampled video frame.
+"""The detections table: one row per image or sampled video frame; and the tracks table derived from it.
 
-This module is the single definition of the table that `detect` writes and `evaluate` reads.
+This module is the single definition of the tables that `detect` writes and `evaluate` reads.
 """
 
 from __future__ import annotations
@@ -27,6 +27,38 @@ DETECTIONS_SCHEMA = pa.schema(
         pa.field("model", pa.string()),
         pa.field("prompt", pa.string()),
         pa.field("error", pa.string()),
+    ]
+)
+
+# One detection of a track: where its plate was in one sampled frame.
+SIGHTING = pa.struct([
+    pa.field("frame_index", pa.int64()),
+    pa.field("timestamp_s", pa.float64()),
+    pa.field("box", BOX),
+    pa.field("score", pa.float32()),
+])
+
+# The tracks table `detect --track` writes beside the detections (<run>/tracks/): one row per track,
+# a plate followed across a video's sampled frames (pipeline.tracks).
+TRACKS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("track_id", pa.int32(), nullable=False),  # 0, 1, ... in order of first appearance
+        pa.field("label", pa.string()),
+        pa.field("label_id", pa.int32()),
+        pa.field("first_frame_index", pa.int64()),
+        pa.field("last_frame_index", pa.int64()),
+        pa.field("first_timestamp_s", pa.float64()),
+        pa.field("last_timestamp_s", pa.float64()),
+        pa.field("num_frames", pa.int32()),  # sampled frames the plate was detected in
+        pa.field("best_frame_index", pa.int64()),
+        pa.field("best_timestamp_s", pa.float64()),
+        pa.field("best_box", BOX),
+        pa.field("best_score", pa.float32()),
+        pa.field("mean_score", pa.float32()),
+        pa.field("path", pa.list_(SIGHTING)),  # every detection of the track, in frame order
+        pa.field("crop_uri", pa.string()),  # the best view's JPEG (detect --crops), else null
     ]
 )
 

@@ -36,7 +36,8 @@ def test_flags_alone_make_a_config():
     ("override", "field"),
     [("batchsize=4", "batchsize"), ("batch_size=many", "batch_size"), ("threshold=2", "threshold"),
      ("video_fps=0", "video_fps"), ("run_id=a/b", "run_id"), ("s3.endpoint=x", "s3.endpoint"),
-     ("device=tpu", "device")],
+     ("device=tpu", "device"), ("tracker.iou=0", "tracker.iou"), ("tracker.min_frames=0", "tracker.min_frames"),
+     ("tracker.lost_track_s=-1", "tracker.lost_track_s"), ("tracker.buffr=1", "tracker.buffr")],
 )
 def test_bad_values_fail_naming_the_field(override, field):
     with pytest.raises(ConfigError) as e:
@@ -67,6 +68,14 @@ def test_unreadable_or_malformed_job_file(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         build_config(DetectConfig, file=str(bad))
+
+
+def test_track_and_crops_flags_and_tracker_overrides():
+    cfg = parse(["--input", "a", "--output", "o", "--model", "m", "--track", "--crops", "tracker.lost_track_s=2"])
+    assert cfg.track and cfg.crops and cfg.tracker.lost_track_s == 2.0 and cfg.tracker.min_frames == 2
+    assert not parse(["--input", "a", "--output", "o", "--model", "m"]).track
+    with pytest.raises(ConfigError, match="crops: a crop is cut for each track; set track as well"):
+        parse(["--input", "a", "--output", "o", "--model", "m", "--crops"])
 
 
 def test_actor_range_is_checked():

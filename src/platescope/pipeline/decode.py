@@ -211,7 +211,7 @@ def _video_rows(shard: str, entry: dict, s3: S3Options | None, fps: float, max_p
                 yield _row(shard, uri, image=image, size=size, frame_index=frame.frame_index,
                            timestamp_s=frame.timestamp_s)
     except Exception as e:
-        if _is_ffmpeg_error(e):
+        if is_ffmpeg_error(e):
             # video.py makes InputErrors of FFmpeg's errors where it expects them; one from elsewhere
             # (converting a frame's pixel format, say) is still about the file, not our code.
             e = InputError("corrupt_video", f"{type(e).__name__}: {e}")
@@ -239,12 +239,12 @@ def _has_frames_after(uri: str, s3: S3Options | None, fps: float, max_pixels: in
             return next(iter(iter_video_frames(f, name=uri, fps=fps, max_pixels=max_pixels, start_s=end_s)),
                         None) is not None
     except Exception as e:
-        if not is_input_failure(e) and not _is_ffmpeg_error(e):
+        if not is_input_failure(e) and not is_ffmpeg_error(e):
             raise
         return True  # damaged or unreadable further on: the segment that holds it makes the error row
 
 
-def _is_ffmpeg_error(e: Exception) -> bool:
+def is_ffmpeg_error(e: Exception) -> bool:
     import av
 
     return isinstance(e, av.FFmpegError) and not isinstance(e, OSError)

@@ -28,7 +28,7 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _check_reachable(uri: str, s3: S3Options | None) -> None:
+def check_reachable(uri: str, s3: S3Options | None) -> None:
     """Raise StorageFailure when the storage holding `uri` cannot be reached now."""
     fs, path = storage.filesystem(uri, s3)
     try:
@@ -59,7 +59,7 @@ def decode_shard_guarded(item: dict[str, Any], *, s3: S3Options | None, video_fp
         if row["error"] is not None:
             row["error"] = _printable(row["error"])
             if storage.is_s3(source):
-                _check_reachable(source, s3)
+                check_reachable(source, s3)
         yield row
 
 

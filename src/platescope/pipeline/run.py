@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -43,6 +44,7 @@ from platescope.pipeline.errors import (
 )
 from platescope.pipeline.history import finished_inputs
 from platescope.pipeline.ownership import RunLease
+from platescope.pipeline.sightings import RunTracks
 from platescope.pipeline.stage import DetectorSpec, decode_stage, detect_stage, model_geometry
 from platescope.pipeline.summary import SUMMARY_FILE, build_summary, write_summary
 from platescope.sources import manifest as manifest_mod
@@ -203,20 +205,22 @@ def _run_owned(cfg: DetectConfig, s3: S3Options, run_dir: str, lease: RunLease, 
     if resumed:
         log.warning("resuming run %s: %d of %d shards already done", cfg.run_id, len(done_before), len(shards))
 
-    # 4. The work.
+    # 4. The work; with track, each video's tracks once all its shards are done (pipeline.sightings).
+    tracks = RunTracks(cfg, s3, run_dir, manifest, set(done_before)) if cfg.track else None
     if todo:
         num_gpus = ray_session.start()
-        stats = _execute(cfg, s3, run_dir, todo, num_gpus, lease)
+        stats = _execute(cfg, s3, run_dir, todo, num_gpus, lease, tracks.shards_done if tracks else None)
     else:
         stats = {"rows": 0, "steady_rows_per_s": None, "num_gpus_per_actor": None, "first_result_s": None,
                  "cpu_ms_per_row": {}}
     lease.check()
+    num_tracks = tracks.finish(ray_session.start) if tracks else None
     with storage_step("listing the completion markers under", run_dir, started=True):
         done = manifest_mod.done_shards(run_dir, s3)
     summary = build_summary(
         run_id=cfg.run_id, run_dir=run_dir, manifest=manifest, done=done,
         num_resumed_shards=len(done_before), wall_time_s=time.monotonic() - started,
-        rows_this_attempt=stats["rows"], max_error_fraction=cfg.max_error_fraction,
+        rows_this_attempt=stats["rows"], max_error_fraction=cfg.max_error_fraction, tracks=num_tracks,
     )
     summary["rows_per_s_steady"] = stats["steady_rows_per_s"]
     summary["num_gpus_per_actor"] = stats["num_gpus_per_actor"]  # as resolved against the cluster
@@ -383,9 +387,9 @@ def _model_labels(cfg: DetectConfig, s3: S3Options) -> set[str]:
 
 
 def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict], num_gpus: float,
-             lease: RunLease) -> dict[str, Any]:
+             lease: RunLease, on_shards_done: Callable[[list[str]], None] | None = None) -> dict[str, Any]:
     """Run the graph over the shards still to do, on the Ray the session started; returns rows
-    processed and steady throughput.
+    processed and steady throughput. `on_shards_done` hears of the shards as they are written.
 
     Steady throughput counts from the first result to the last, leaving out Ray start-up and model
     loading, which a long run amortises.
@@ -422,6 +426,8 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict], n
                     first_at, first_rows = time.monotonic(), batch.num_rows
                 lease.check()  # never write for a run another driver took over
                 completed = sink.add(batch)
+                if completed and on_shards_done is not None:
+                    on_shards_done(completed)
                 bar.update(len(completed))
                 bar.set_postfix(rows=rows, refresh=False)
     except (StorageFailure, PreflightError):

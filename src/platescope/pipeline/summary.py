@@ -23,7 +23,9 @@ def build_summary(
     wall_time_s: float,
     rows_this_attempt: int,
     max_error_fraction: float,
+    tracks: int | None = None,
 ) -> dict[str, Any]:
+    """`tracks`: the number of tracks in the run's finished videos (detect --track), else None."""
     totals: Counter = Counter()
     by_kind: Counter = Counter()
     for counts in done.values():
@@ -53,6 +55,7 @@ def build_summary(
         # Throughput counts what this attempt processed, not shards a resumed run found done.
         "rows_per_s": round(rows_this_attempt / wall_time_s, 3) if wall_time_s > 0 else None,
         "complete": len(done) >= len(shards),
+        "tracks": tracks,
     }
 
 
@@ -65,6 +68,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"platescope detect: run {summary['run_id']} -> {summary['output']}"]
     keys = ["inputs", "inputs_skipped_unsupported", "shards", "shards_resumed", "rows", "images", "frames",
             "detections", "errors", "error_fraction", "wall_time_s", "rows_per_s"]
+    if summary.get("tracks") is not None:
+        keys.insert(keys.index("detections") + 1, "tracks")
     width = max(len(k) for k in keys)
     lines += [f"  {k:<{width}}  {summary[k]}" for k in keys]
     for kind, n in summary["errors_by_kind"].items():

@@ -49,6 +49,12 @@ def is_video_shard(shard: str) -> bool:
     return shard.startswith(VIDEO_SHARD_PREFIX)
 
 
+def video_id(shard: str) -> str:
+    """The video a video shard belongs to: its shard id, less a segment's `-sNNNN` (v000003-s0002 ->
+    v000003); what a video's derived outputs (its tracks) are named by."""
+    return shard.split(SEGMENT_INFIX, 1)[0]
+
+
 def is_first_segment(entry: dict) -> bool:
     """Whether a manifest entry starts its input: an image, a whole video, or a video's first segment.
     Counting these counts inputs, whatever the segmentation."""

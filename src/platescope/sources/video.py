@@ -102,6 +102,24 @@ def iter_video_frames(
             raise InputError("corrupt_video", damage.describe(num_decoded=num_decoded))
 
 
+def read_frame(source: VideoSource, *, frame_index: int, timestamp_s: float,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The upright RGB frame a sampled row came from (its `frame_index` and `timestamp_s`), decoded
+    again by seeking to the keyframe before it: what a crop of a row's box needs, without keeping
+    frames while the video is sampled. InputError("frame_not_found") when the video has no such frame
+    (it changed since it was sampled)."""
+    # Every frame of a window narrower than any frame interval: just the one at timestamp_s.
+    for frame in iter_video_frames(source, name="", fps=0, max_pixels=max_pixels, start_s=timestamp_s,
+                                   end_s=timestamp_s + _ONE_FRAME_S):
+        if frame.frame_index == frame_index:
+            return frame.image
+    raise InputError("frame_not_found", f"no frame {frame_index} at {timestamp_s:.6f}s")
+
+
+# Narrower than the interval between frames of any video (a 1000 fps camera's is 1 ms).
+_ONE_FRAME_S = 5e-4
+
+
 def segment_bounds(duration_s: float, fps: float, segment_s: float) -> list[tuple[float, float | None]]:
     """[start, end) time segments of about `segment_s` covering a video of `duration_s`, each bound a
     multiple of 1/fps so that segments split its samples exactly; the last is open-ended, so frames
