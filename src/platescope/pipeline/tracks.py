@@ -8,7 +8,7 @@ What sampled footage needs beyond ByteTrack's defaults, each measured on real cl
 - Near-duplicate boxes: a detector may give two or three overlapping boxes for one plate in a frame,
   and ByteTrack would start a second track from the spare and keep both alive for as long as the
   plate is seen. Boxes of one label overlapping a higher-scored one above `duplicate_iou` are
-  suppressed first (supervision's NMS).
+  suppressed first (the NMS of `detect --nms-iou`).
 - Far moves: at 1-2 fps an approaching car's plate moves more than its own size between samples, so
   consecutive boxes often do not overlap and plain IoU (which ByteTrack associates by) is 0. Boxes
   are widened by `buffer` of their size on each side before association (the buffered IoU of
@@ -124,7 +124,7 @@ def _link_label(frames: list[dict[str, Any]], label: str, label_id: int, options
 
 def _sightings(frame: dict[str, Any], label: str, duplicate_iou: float) -> list[Sighting]:
     """The frame's boxes of `label`, near-duplicates of a higher-scored box suppressed."""
-    import supervision as sv
+    from platescope.detectors.nms import class_wise_nms
 
     found = [Sighting(frame_index=int(frame["frame_index"]), timestamp_s=float(frame["timestamp_s"]),
                       box=tuple(float(v) for v in box), score=float(score))
@@ -132,9 +132,9 @@ def _sightings(frame: dict[str, Any], label: str, duplicate_iou: float) -> list[
              if name == label]
     if len(found) < 2:
         return found
-    predictions = np.array([[*s.box, s.score] for s in found], np.float64)
-    keep = sv.box_non_max_suppression(predictions, iou_threshold=duplicate_iou)
-    return [s for s, kept in zip(found, keep) if kept]
+    keep = class_wise_nms(np.array([s.box for s in found]), np.array([s.score for s in found]),
+                          np.zeros(len(found), int), duplicate_iou)
+    return [found[i] for i in keep]
 
 
 def _widen(boxes: np.ndarray, buffer: float) -> np.ndarray:
