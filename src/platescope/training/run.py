@@ -84,9 +84,11 @@ def run_train(cfg: TrainConfig) -> TrainResult:
 
     s3 = cfg.s3.options()
     train, val = _preflight(cfg, s3)
+    worker_cfg = cfg
     if cfg.model and not storage.is_s3(cfg.model) and os.path.isdir(cfg.model):
         # Ray Train runs each worker in its own directory: a relative model dir would not be found there.
-        cfg = cfg.model_copy(update={"model": os.path.abspath(cfg.model)})
+        # (The export records the config as given.)
+        worker_cfg = cfg.model_copy(update={"model": os.path.abspath(cfg.model)})
     # Workers hold their CPUs for the whole run; Ray Data's decode tasks need at least one more.
     # The dashboard serves the state API Ray Train's placement-group cleaner polls (without it, it
     # warns every few seconds and cannot clean up after a dead controller).
@@ -107,7 +109,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         fs, path = storage.arrow_filesystem(cfg.storage, s3)
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "s3": s3, "id2label": train.id2label,
+            train_loop_config={"cfg": worker_cfg.model_dump(mode="json"), "s3": s3, "id2label": train.id2label,
                                "num_train_images": len(train.records),
                                "val_ground_truth": val.ground_truth if val else None},
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
