@@ -53,10 +53,12 @@ class HFDetector:
         cache_dir: str | None = None,
         compile: bool = False,
         nms_iou: float | None = None,
+        slice_batches: bool = True,
     ) -> None:
         import torch
         from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
+        self.num_threads = num_threads
         if num_threads:
             torch.set_num_threads(num_threads)
         self.threshold = float(threshold)
@@ -112,6 +114,18 @@ class HFDetector:
         self.geometry = geometry_from_config(self.processor.to_dict())
         # CPU time of preprocess, model and postprocess, which the pipeline reports per image.
         self.clock = PhaseClock()
+        # On CPU, num_threads threads each run a slice of the batch on one torch thread, rather than all
+        # of them working on each op in turn: ops of one small image leave threads waiting on each other,
+        # and the model's Python between ops runs while the other slices compute (measured on the default
+        # model on 2 cores: see README, "Speed"). Not with torch.compile, whose graphs are not shared
+        # across threads here, nor on a GPU, which one stream of batches keeps busy.
+        self.slices = (num_threads or 1) if slice_batches and self.device.type == "cpu" and not compile else 1
+        self._pool = None
+        if self.slices > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.slices, thread_name_prefix="detector-slice",
+                                            initializer=torch.set_num_threads, initargs=(1,))
 
     def detect(self, images: Sequence[np.ndarray], prompts: Sequence[str] | None = None) -> list[Detections]:
         """One Detections per image (H x W x 3 uint8 RGB, any sizes), boxes in its own pixels.
@@ -131,7 +145,8 @@ class HFDetector:
             groups.setdefault(image.shape[:2], []).append(i)
         out: list[Detections | None] = [None] * len(images)
         for indices in groups.values():
-            for i, det in zip(indices, self._detect_same_size([images[i] for i in indices])):
+            for i, det in zip(indices, self._sliced(indices, lambda part: self._detect_same_size(
+                    [images[i] for i in part]))):
                 out[i] = det
         return out  # type: ignore[return-value]
 
@@ -149,15 +164,35 @@ class HFDetector:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"image {i}: expected H x W x 3 uint8 RGB, got {image.dtype} {image.shape}")
             groups.setdefault(image.shape[:2], []).append(i)
-        out: list[Detections | None] = [None] * len(images)
-        for indices in groups.values():
+        def run(indices: list[int]) -> list[Detections]:
             with self.clock.phase("preprocess"):
                 inputs = to_pixel_values([images[i] for i in indices], self.geometry, self.device,
                                          channels_last=self.channels_last)
-            for i, det in zip(indices, self._run({n: inputs[n] for n in self._input_names if n in inputs},
-                                                 [tuple(sizes[i]) for i in indices])):
+            return self._run({n: inputs[n] for n in self._input_names if n in inputs},
+                             [tuple(sizes[i]) for i in indices])
+
+        out: list[Detections | None] = [None] * len(images)
+        for indices in groups.values():
+            for i, det in zip(indices, self._sliced(indices, run)):
                 out[i] = det
         return out  # type: ignore[return-value]
+
+    def _sliced(self, indices: list[int], run) -> list[Detections]:
+        """run(indices) for one group of same-size images: cut into `self.slices` slices run at once on
+        the slice threads (one torch thread each), or whole on this thread with all of num_threads."""
+        slices = [part.tolist() for part in np.array_split(np.asarray(indices), min(self.slices, len(indices)))]
+        if len(slices) == 1:
+            if self.num_threads:
+                import torch
+
+                torch.set_num_threads(self.num_threads)  # this thread's own setting: the slice threads keep 1
+            return run(indices)
+
+        def run_slice(part: list[int]) -> list[Detections]:
+            with self.clock.own_thread():
+                return run(part)
+
+        return [det for part in self._pool.map(run_slice, slices) for det in part]
 
     def _detect_same_size(self, images: list[np.ndarray]) -> list[Detections]:
         import torch

@@ -121,7 +121,8 @@ def build_detector(spec: DetectorSpec):
 
         return HFDetector(spec.model, threshold=spec.threshold, device=spec.device, dtype=spec.dtype,
                           trust_remote_code=spec.trust_remote_code, allow_unsafe_weights=spec.allow_unsafe_weights,
-                          s3=spec.s3, num_threads=num_threads, compile=spec.compile, nms_iou=spec.nms_iou)
+                          s3=spec.s3, num_threads=num_threads, compile=spec.compile, nms_iou=spec.nms_iou,
+                          slice_batches=spec.slice_batches)
     if spec.detector == "florence2":
         from platescope.detectors.florence2 import Florence2Detector
 
