@@ -117,7 +117,7 @@ class HFDetector:
         # On CPU, num_threads threads each run a slice of the batch on one torch thread, rather than all
         # of them working on each op in turn: ops of one small image leave threads waiting on each other,
         # and the model's Python between ops runs while the other slices compute (measured on the default
-        # model on 2 cores: see README, "Speed"). Not with torch.compile, whose graphs are not shared
+        # model on 2 cores: see README, "Benchmark"). Not with torch.compile, whose graphs are not shared
         # across threads here, nor on a GPU, which one stream of batches keeps busy.
         self.slices = (num_threads or 1) if slice_batches and self.device.type == "cpu" and not compile else 1
         self._pool = None
