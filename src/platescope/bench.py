@@ -105,11 +105,11 @@ def _pick_images(folder: str, n: int, dest: str) -> list[str]:
 def detector_throughput(cfg, paths: list[str]) -> float:
     """Images per second of Detector.detect alone, built exactly as a pipeline actor builds it."""
     from platescope.pipeline.actor import build_detector
-    from platescope.pipeline.run import detector_spec
+    from platescope.pipeline.stage import DetectorSpec
     from platescope.sources.images import decode_image
 
     images = [decode_image(Path(p).read_bytes(), name=p, max_pixels=cfg.max_pixels) for p in paths]
-    detector = build_detector(detector_spec(cfg, cfg.s3.options(), num_gpus=0.0))
+    detector = build_detector(DetectorSpec.from_config(cfg, cfg.s3.options(), num_gpus=0.0))
     detector.detect(images[: cfg.batch_size])  # warm-up: first call pays for lazy init
     started = time.perf_counter()
     for i in range(0, len(images), cfg.batch_size):

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from platescope.config import DetectConfig
-from platescope.pipeline import actor, run
+from platescope.pipeline import actor
+from platescope.pipeline.stage import DetectorSpec
 from platescope.pipeline.actor import decide_num_threads
 from platescope.storage import S3Options
 
@@ -19,7 +20,7 @@ def cfg(**kw) -> DetectConfig:
 def test_the_spec_carries_no_thread_count_measured_on_the_driver(monkeypatch):
     # A driver with 96 cores (a laptop submitting to a cluster has its own count; neither matters).
     monkeypatch.setattr(os, "cpu_count", lambda: 96)
-    spec = run.detector_spec(cfg(num_actors_max=4), S3Options(), num_gpus=0.0)
+    spec = DetectorSpec.from_config(cfg(num_actors_max=4), S3Options(), num_gpus=0.0)
     assert spec.num_threads is None
     values = spec.model_dump().values()
     assert 96 not in values and 24 not in values
@@ -28,7 +29,7 @@ def test_the_spec_carries_no_thread_count_measured_on_the_driver(monkeypatch):
 
 
 def test_the_configured_thread_count_travels_and_wins():
-    spec = run.detector_spec(cfg(num_threads_per_actor=3, num_actors_max=4), S3Options(), num_gpus=0.0)
+    spec = DetectorSpec.from_config(cfg(num_threads_per_actor=3, num_actors_max=4), S3Options(), num_gpus=0.0)
     assert spec.num_threads == 3
     assert decide_num_threads(configured=3, on_gpu=False, node_cpus=64, num_actors_max=1,
                               num_cpus_per_actor=1, cores=64) == 3
@@ -61,7 +62,7 @@ def test_the_actor_decides_from_the_cpus_of_the_machine_it_runs_on(monkeypatch):
 
     # A Ray another test left running in this process would otherwise answer for the node.
     monkeypatch.delitem(sys.modules, "ray", raising=False)
-    spec = run.detector_spec(cfg(num_actors_max=2), S3Options(), num_gpus=0.0)
+    spec = DetectorSpec.from_config(cfg(num_actors_max=2), S3Options(), num_gpus=0.0)
     monkeypatch.setattr(actor, "_usable_cores", lambda: 12)
     assert actor.spec_num_threads(spec) == 6
     monkeypatch.setattr(actor, "_usable_cores", lambda: 4)

@@ -207,7 +207,7 @@ def test_preflight_refuses_a_model_of_the_other_family(tiny_base, tiny_model, tm
 
 
 def test_an_adapter_on_another_base_is_refused_naming_both(tiny_base, scripted_base, tmp_path):
-    from platescope.detectors.hf import hash_weights
+    from platescope.detectors.loading import hash_weights
 
     model, processor = recipe.build(config(tiny_base), ID2LABEL, None, None)
     adapter = tmp_path / "adapter"

@@ -120,11 +120,11 @@ def test_florence2_adapter_refuses_pickle_weights_unless_allowed(florence_dir, p
 def test_the_detect_pipeline_passes_the_opt_in_to_its_detector(pickled_detector_dir):
     from platescope.config import DetectConfig
     from platescope.pipeline.actor import build_detector
-    from platescope.pipeline.run import detector_spec
+    from platescope.pipeline.stage import DetectorSpec
     from platescope.storage import S3Options
 
     def spec(**kw):
-        return detector_spec(DetectConfig(input=["x"], output="y", model=pickled_detector_dir, **kw), S3Options(), 0.0)
+        return DetectorSpec.from_config(DetectConfig(input=["x"], output="y", model=pickled_detector_dir, **kw), S3Options(), 0.0)
 
     with refused(pickled_detector_dir):
         build_detector(spec())

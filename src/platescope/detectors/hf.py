@@ -20,11 +20,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# check_weights, hash_weights and local_model_dir are still importable from here, where they were first.
 from platescope.cputime import PhaseClock
 from platescope.detectors.geometry import canvas_target_sizes, clip_boxes, geometry_from_config, to_pixel_values
 from platescope.detectors.nms import class_wise_nms
-from platescope.detectors.loading import check_weights, hash_weights, local_model_dir, resolve_model  # noqa: F401
+from platescope.detectors.loading import resolve_model
 from platescope.schema import Detections
 from platescope.storage import S3Options
 

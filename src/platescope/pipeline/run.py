@@ -59,7 +59,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Fields a resume keeps from the run's first start: they defined its manifest, which is fixed.
 MANIFEST_FIELDS = ("input", "num_inputs_per_shard", "incremental", "video_segment_s")
 
-__all__ = ["PreflightError", "RunOwnedError", "StorageFailure", "RunResult", "run_detect", "detector_spec"]
+__all__ = ["PreflightError", "RunOwnedError", "StorageFailure", "RunResult", "run_detect"]
 
 
 @dataclass
@@ -113,11 +113,6 @@ def check_output(output: str, s3: S3Options | None) -> None:
         if is_unreachable(e):
             raise StorageUnreachable.of("writing a probe under output", output, e) from None
         raise PreflightError(f"output {output}: cannot be written ({type(e).__name__}: {e})") from None
-
-
-def detector_spec(cfg: DetectConfig, s3: S3Options, num_gpus: float, geometry=None) -> DetectorSpec:
-    """The detector spec of this config (see pipeline.stage.DetectorSpec)."""
-    return DetectorSpec.from_config(cfg, s3, num_gpus, geometry)
 
 
 def run_detect(cfg: DetectConfig) -> RunResult:
@@ -412,7 +407,7 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict], n
     geometry = model_geometry(cfg.detector, cfg.model, s3)
     ds = decode_stage(ds, s3=s3, video_fps=cfg.video_fps, max_pixels=cfg.max_pixels, geometry=geometry,
                       draft=cfg.jpeg_draft, num_cpus=cfg.num_cpus_per_decoder)
-    ds = detect_stage(ds, detector_spec(cfg, s3, num_gpus, geometry), batch_size=cfg.batch_size,
+    ds = detect_stage(ds, DetectorSpec.from_config(cfg, s3, num_gpus, geometry), batch_size=cfg.batch_size,
                       num_actors_min=cfg.num_actors_min)
     sink = GuardedSink(run_dir, cfg.run_id, s3)
     rows = 0
