@@ -163,6 +163,7 @@ class HFDetector:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"image {i}: expected H x W x 3 uint8 RGB, got {image.dtype} {image.shape}")
             groups.setdefault(image.shape[:2], []).append(i)
+
         def run(indices: list[int]) -> list[Detections]:
             with self.clock.phase("preprocess"):
                 inputs = to_pixel_values([images[i] for i in indices], self.geometry, self.device,
@@ -181,10 +182,12 @@ class HFDetector:
         the slice threads (one torch thread each), or whole on this thread with all of num_threads."""
         slices = [part.tolist() for part in np.array_split(np.asarray(indices), min(self.slices, len(indices)))]
         if len(slices) == 1:
-            if self.num_threads:
+            if self._pool is not None:
                 import torch
 
-                torch.set_num_threads(self.num_threads)  # this thread's own setting: the slice threads keep 1
+                # Starting the slice threads set torch's count for threads not yet started to 1; this
+                # thread (Ray may call from a new one) gets all of num_threads back.
+                torch.set_num_threads(self.num_threads)
             return run(indices)
 
         def run_slice(part: list[int]) -> list[Detections]:
