@@ -58,6 +58,24 @@ def test_a_jpeg_draft_keeps_the_full_size_and_comes_close_to_the_full_decode(ori
     assert 0 < difference.mean() < 4
 
 
+def _fixed(height: int, width: int):
+    return geometry_from_config({**BASE, "image_processor_type": "RTDetrImageProcessor",
+                                 "size": {"height": height, "width": width}})
+
+
+@pytest.mark.parametrize("side,drafted", [(384, True), (400, True), (420, False)])
+def test_a_draft_may_come_out_a_little_smaller_than_the_model_input(side, drafted):
+    """Half of 720 is 360: close enough to a 384- or 400-pixel input (DRAFT_SLACK) to decode at half
+    scale and enlarge slightly, not to a 420-pixel one, which gets the whole decode."""
+    data = _photo(1280, 720, "JPEG")
+    geometry = _fixed(side, side)
+    exact, _, _ = decode_image_for_model(data, geometry, name="x", draft=False)
+    image, width, height = decode_image_for_model(data, geometry, name="x", draft=True)
+    assert (width, height) == (1280, 720) and image.shape == exact.shape == (side, side, 3)
+    difference = np.abs(image.astype(int) - exact.astype(int)).mean()
+    assert (0 < difference < 4) if drafted else difference == 0
+
+
 def test_an_image_too_small_for_the_model_is_an_input_error():
     yolos = geometry_from_config({**BASE, "image_processor_type": "YolosImageProcessor",
                                   "size": {"shortest_edge": 128, "longest_edge": 224}})

@@ -58,6 +58,27 @@ def test_fingerprint_differences_name_old_and_new_values():
         'model "org/detr" -> "org/other"', 'model_weights "abc123" -> null']
 
 
+def test_the_jpeg_draft_rule_is_part_of_the_fingerprint(tmp_path):
+    from platescope.config import DetectConfig
+    from platescope.sources.images import DRAFT_SLACK
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+
+    def fields(**kw):
+        return fingerprint.compute(DetectConfig(input=["x"], output="y", model=str(model), **kw))
+
+    drafted, exact = fields(), fields(jpeg_draft=False)
+    assert drafted["jpeg_draft_slack"] == DRAFT_SLACK and exact["jpeg_draft_slack"] is None
+    # A run started before the rule was recorded decoded drafts by another rule: it does not resume
+    # with drafts on, and one without drafts still does.
+    before = {k: v for k, v in drafted.items() if k != "jpeg_draft_slack"}
+    assert fingerprint.differences(before, drafted) == [f"jpeg_draft_slack null -> {DRAFT_SLACK}"]
+    assert fingerprint.differences({k: v for k, v in exact.items() if k != "jpeg_draft_slack"}, exact) == []
+
+
 def test_storage_errors_are_classified_and_described_in_one_line():
     import botocore.exceptions
 

@@ -32,6 +32,7 @@ from typing import Any
 from platescope import storage
 from platescope.config import DetectConfig
 from platescope.pipeline.errors import PreflightError, StorageUnreachable, is_unreachable
+from platescope.sources.images import DRAFT_SLACK
 from platescope.storage import S3Options
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ def compute(cfg: DetectConfig) -> dict[str, Any]:
     fields: dict[str, Any] = {name: values[name] for name in ROW_FIELDS}
     if cfg.detector != "florence2":
         fields["max_new_tokens"] = None  # only a generating detector reads it
+    # How small a JPEG draft may decode is platescope's rule, not a setting, but it changes the
+    # pixels: a run started under another rule must not resume under this one.
+    fields["jpeg_draft_slack"] = DRAFT_SLACK if cfg.jpeg_draft else None
     for field, weights_field in WEIGHTS_FIELDS.items():
         uri = getattr(cfg, field)
         fields[weights_field] = weights_id(field, uri, s3) if uri else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from typing import TYPE_CHECKING
 
@@ -56,8 +57,8 @@ def decode_image_for_model(data: bytes, geometry: InputGeometry, *, name: str, m
                            draft: bool = True) -> tuple[np.ndarray, int, int]:
     """(the image at the model's input size, its width, its height), as `decode_image` and then
     `geometry.resize` would give, but decoding a JPEG at 1/2, 1/4 or 1/8 scale when `draft` is on
-    and the model's input is still no larger than that (the DCT skips the detail the resize would
-    throw away). Width and height are the full image's, after EXIF orientation: boxes are scaled
+    and that scale is still about the model's input size or larger (see DRAFT_SLACK; the DCT skips
+    the detail the resize would throw away). Width and height are the full image's, after EXIF orientation: boxes are scaled
     back to them."""
     if not data:
         raise InputError("empty_file", "the file is empty (0 bytes)")
@@ -70,11 +71,24 @@ def decode_image_for_model(data: bytes, geometry: InputGeometry, *, name: str, m
         raise InputError("too_small", f"{image.format} {width}x{height} shrinks to nothing at the model's input size")
     if draft and image.format == "JPEG":
         stored = (out_w, out_h) if image.size == (width, height) else (out_h, out_w)
-        image.draft(None, stored)  # the largest reduction that keeps at least `stored`
+        image.draft(None, draft_request(stored))  # the largest reduction that gives at least that
     oriented = _decode_oriented(image, name=name)
     if oriented.mode == "RGB":  # the usual case: resized as it is, not through an array and back
         return geometry.resize_image(oriented), width, height
     return geometry.resize(_to_rgb_array(oriented)), width, height
+
+
+# A draft may come out up to this much smaller than the model's input, which the resize then enlarges
+# by at most 1/(1 - DRAFT_SLACK) = 1.11x: so a 1280x720 JPEG for a 384x384 input decodes at half
+# scale (640x360) instead of whole. Measured on the val set through `detect --ground-truth` with the
+# default model (the 107 720p images are where it applies): AP 0.429 -> 0.428, AP50 0.815 -> 0.819,
+# AP75 0.385 -> 0.391; the decode and resize went from 8.5-10.5 to 5.7 ms of CPU.
+DRAFT_SLACK = 0.1
+
+
+def draft_request(size: tuple[int, int]) -> tuple[int, int]:
+    """The smallest decoded (width, height) a JPEG draft may give for a model input of `size`."""
+    return (max(1, math.ceil(size[0] * (1 - DRAFT_SLACK))), max(1, math.ceil(size[1] * (1 - DRAFT_SLACK))))
 
 
 # EXIF orientations that swap width and height (the transposes and the 90-degree turns).
