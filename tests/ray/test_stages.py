@@ -50,3 +50,31 @@ def test_a_spec_never_shows_the_keys_it_carries():
         assert "wJalrXUtnFEMI" not in text and "AKIAEXAMPLE" not in text
     assert spec.s3.secret_access_key == "wJalrXUtnFEMI/K7MDENG"  # still there for the actor that needs it
     assert os.environ.get("AWS_SECRET_ACCESS_KEY") != "wJalrXUtnFEMI/K7MDENG"
+
+
+def test_decoded_blocks_hold_one_detector_batch_each(tmp_path):
+    """With decoded_block_bytes as Ray Data's block target, a shard's images come in blocks of one
+    batch: the detector starts after one batch is decoded and never gets a short remainder batch
+    from the middle of a shard."""
+    import ray
+
+    from platescope.detectors.geometry import geometry_from_config
+    from platescope.pipeline.stage import decoded_block_bytes
+
+    geometry = geometry_from_config({
+        "image_processor_type": "RTDetrImageProcessor", "do_resize": True, "size": {"height": 64, "width": 96},
+        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": False,
+        "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_pad": False})
+    folder = tmp_path / "in"
+    samples.write_image_dataset(str(folder), 11, seed=5, size=(320, 180))
+    entries = [{"uri": str(p), "kind": "image"} for p in sorted(folder.glob("*.jpg"))]
+    ctx = ray.data.DataContext.get_current()
+    default = ctx.target_max_block_size
+    ctx.target_max_block_size = decoded_block_bytes(geometry, 4)
+    try:
+        ds = decode_stage(ray.data.from_items([{"shard": "i000000", "entries": entries}]), s3=None,
+                          video_fps=1.0, geometry=geometry, num_cpus=0.25)
+        sizes = [len(block["seq"]) for block in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    finally:
+        ctx.target_max_block_size = default
+    assert sorted(sizes) == [3, 4, 4]  # a batch_size of None gives Ray Data's blocks as they are

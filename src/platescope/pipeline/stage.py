@@ -85,6 +85,23 @@ def model_geometry(detector: str, model: str, s3: S3Options | None) -> InputGeom
     return geometry
 
 
+FULL_SIZE_BLOCK_BYTES = 8 * 1024 * 1024  # blocks of full-size images: a few frames each
+TYPICAL_FRAME = (1080, 1920)  # (height, width) a block is sized for when the model keeps aspect
+
+
+def decoded_block_bytes(geometry: InputGeometry | None, batch_size: int) -> int:
+    """Ray Data's target_max_block_size for the decoded rows: one detector batch of model-size images.
+
+    Ray bundles blocks up to batch_size rows for an actor, and a block ends at the first row past
+    the target: so with blocks of one batch the actor starts once one batch is decoded (not a whole
+    shard), results stream back batch by batch, and no block leaves a short remainder batch, which
+    would leave slice threads idle. Sized for a 1080p frame when the model keeps aspect."""
+    if geometry is None:
+        return FULL_SIZE_BLOCK_BYTES
+    height, width = geometry.output_size(*TYPICAL_FRAME)
+    return int((max(1, batch_size) - 0.5) * height * width * 3)
+
+
 def decode_stage(ds: Any, *, s3: S3Options | None, video_fps: float, max_pixels: int = 100_000_000,
                  geometry: InputGeometry | None = None, draft: bool = False, num_cpus: float = 0.5) -> Any:
     """Shards -> one row per image or sampled frame (model-size pixels when `geometry` is given)."""
