@@ -10,7 +10,7 @@ import pytest
 
 from platescope import samples
 from platescope.detectors.hf import HFDetector
-from platescope.pipeline.stage import DetectorSpec, decode_stage, detect_stage, model_geometry
+from platescope.pipeline.stage import DetectorSpec, decode_stage, detect_stage, model_geometry, shards_dataset
 from platescope.sources.images import decode_image
 from platescope.storage import S3Options
 
@@ -53,13 +53,11 @@ def test_a_spec_never_shows_the_keys_it_carries():
 
 
 def test_decoded_blocks_hold_one_detector_batch_each(tmp_path):
-    """With decoded_block_bytes as Ray Data's block target, a shard's images come in blocks of one
-    batch: the detector starts after one batch is decoded and never gets a short remainder batch
-    from the middle of a shard."""
+    """A shard's images come in blocks of one batch: the detector starts after one batch is decoded
+    and never gets a short remainder batch from the middle of a shard."""
     import ray
 
     from platescope.detectors.geometry import geometry_from_config
-    from platescope.pipeline.stage import decoded_block_bytes
 
     geometry = geometry_from_config({
         "image_processor_type": "RTDetrImageProcessor", "do_resize": True, "size": {"height": 64, "width": 96},
@@ -68,13 +66,9 @@ def test_decoded_blocks_hold_one_detector_batch_each(tmp_path):
     folder = tmp_path / "in"
     samples.write_image_dataset(str(folder), 11, seed=5, size=(320, 180))
     entries = [{"uri": str(p), "kind": "image"} for p in sorted(folder.glob("*.jpg"))]
-    ctx = ray.data.DataContext.get_current()
-    default = ctx.target_max_block_size
-    ctx.target_max_block_size = decoded_block_bytes(geometry, 4)
-    try:
-        ds = decode_stage(ray.data.from_items([{"shard": "i000000", "entries": entries}]), s3=None,
-                          video_fps=1.0, geometry=geometry, num_cpus=0.25)
-        sizes = [len(block["seq"]) for block in ds.iter_batches(batch_size=None, batch_format="numpy")]
-    finally:
-        ctx.target_max_block_size = default
+    default = ray.data.DataContext.get_current().target_max_block_size
+    ds = shards_dataset([{"shard": "i000000", "entries": entries}], geometry=geometry, batch_size=4)
+    assert ray.data.DataContext.get_current().target_max_block_size == default  # other datasets keep theirs
+    ds = decode_stage(ds, s3=None, video_fps=1.0, geometry=geometry, num_cpus=0.25)
+    sizes = [len(block["seq"]) for block in ds.iter_batches(batch_size=None, batch_format="numpy")]
     assert sorted(sizes) == [3, 4, 4]  # a batch_size of None gives Ray Data's blocks as they are

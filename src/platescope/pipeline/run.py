@@ -45,7 +45,7 @@ from platescope.pipeline.errors import (
 from platescope.pipeline.history import finished_inputs
 from platescope.pipeline.ownership import RunLease
 from platescope.pipeline.sightings import RunTracks
-from platescope.pipeline.stage import DetectorSpec, decode_stage, decoded_block_bytes, detect_stage, model_geometry
+from platescope.pipeline.stage import DetectorSpec, decode_stage, detect_stage, model_geometry, shards_dataset
 from platescope.pipeline.summary import SUMMARY_FILE, build_summary, write_summary
 from platescope.sources import manifest as manifest_mod
 from platescope.storage import S3Options
@@ -398,9 +398,8 @@ def _execute(cfg: DetectConfig, s3: S3Options, run_dir: str, todo: list[dict], n
     from ray.util.debug import log_once
 
     log_once("ray_data_progress_manager_disabled")  # spends Ray's one "bars disabled" warning
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     geometry = model_geometry(cfg.detector, cfg.model, s3)
-    ctx.target_max_block_size = decoded_block_bytes(geometry, cfg.batch_size)
+    ds = shards_dataset(todo, geometry=geometry, batch_size=cfg.batch_size)
     ds = decode_stage(ds, s3=s3, video_fps=cfg.video_fps, max_pixels=cfg.max_pixels, geometry=geometry,
                       draft=cfg.jpeg_draft, num_cpus=cfg.num_cpus_per_decoder)
     ds = detect_stage(ds, DetectorSpec.from_config(cfg, s3, num_gpus, geometry), batch_size=cfg.batch_size,

@@ -1,7 +1,7 @@
 """The detect graph as reusable Ray Data stages over a typed detector spec, so `detect`, `bench` and a
 user's own pipeline build it the same way:
 
-    ds = ray.data.from_items(shards)          # {"shard": id, "entries": [manifest entries]}
+    ds = shards_dataset(shards, geometry=spec.geometry, batch_size=8)  # {"shard": id, "entries": [...]}
     ds = decode_stage(ds, s3=s3, video_fps=1.0, geometry=spec.geometry)
     ds = detect_stage(ds, spec, batch_size=8)
 
@@ -100,6 +100,21 @@ def decoded_block_bytes(geometry: InputGeometry | None, batch_size: int) -> int:
         return FULL_SIZE_BLOCK_BYTES
     height, width = geometry.output_size(*TYPICAL_FRAME)
     return int((max(1, batch_size) - 0.5) * height * width * 3)
+
+
+def shards_dataset(shards: list[dict[str, Any]], *, geometry: InputGeometry | None, batch_size: int) -> Any:
+    """The shards as a Dataset (one block each) whose decoded blocks will hold one detector batch. A
+    Dataset keeps the DataContext it was made under, so Ray Data's block target is set while it is
+    made, and then given back to what it was for the caller's other datasets."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.target_max_block_size
+    ctx.target_max_block_size = decoded_block_bytes(geometry, batch_size)
+    try:
+        return ray.data.from_items(shards, override_num_blocks=len(shards))
+    finally:
+        ctx.target_max_block_size = previous
 
 
 def decode_stage(ds: Any, *, s3: S3Options | None, video_fps: float, max_pixels: int = 100_000_000,
