@@ -52,23 +52,26 @@ def test_a_spec_never_shows_the_keys_it_carries():
     assert os.environ.get("AWS_SECRET_ACCESS_KEY") != "wJalrXUtnFEMI/K7MDENG"
 
 
-def test_decoded_blocks_hold_one_detector_batch_each(tmp_path):
-    """A shard's images come in blocks of one batch: the detector starts after one batch is decoded
-    and never gets a short remainder batch from the middle of a shard."""
+def test_decoded_blocks_hold_whole_detector_batches(tmp_path):
+    """A shard's images come in blocks of BATCHES_PER_BLOCK batches: the detector starts before the
+    whole shard is decoded and never gets a short remainder batch from the middle of a shard."""
     import ray
 
     from platescope.detectors.geometry import geometry_from_config
+    from platescope.pipeline.stage import BATCHES_PER_BLOCK
 
     geometry = geometry_from_config({
         "image_processor_type": "RTDetrImageProcessor", "do_resize": True, "size": {"height": 64, "width": 96},
         "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": False,
         "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_pad": False})
+    batch_size, images = 2, 2 * BATCHES_PER_BLOCK * 2 + 3
     folder = tmp_path / "in"
-    samples.write_image_dataset(str(folder), 11, seed=5, size=(320, 180))
+    samples.write_image_dataset(str(folder), images, seed=5, size=(320, 180))
     entries = [{"uri": str(p), "kind": "image"} for p in sorted(folder.glob("*.jpg"))]
     default = ray.data.DataContext.get_current().target_max_block_size
-    ds = shards_dataset([{"shard": "i000000", "entries": entries}], geometry=geometry, batch_size=4)
+    ds = shards_dataset([{"shard": "i000000", "entries": entries}], geometry=geometry, batch_size=batch_size)
     assert ray.data.DataContext.get_current().target_max_block_size == default  # other datasets keep theirs
     ds = decode_stage(ds, s3=None, video_fps=1.0, geometry=geometry, num_cpus=0.25)
     sizes = [len(block["seq"]) for block in ds.iter_batches(batch_size=None, batch_format="numpy")]
-    assert sorted(sizes) == [3, 4, 4]  # a batch_size of None gives Ray Data's blocks as they are
+    block = batch_size * BATCHES_PER_BLOCK
+    assert sorted(sizes) == [3, block, block]  # a batch_size of None gives Ray Data's blocks as they are
