@@ -361,7 +361,7 @@ class DetectConfig(_Strict):
     allow_unsafe_weights: bool = Field(False, description="allow pickle (.bin) weights, not just safetensors")
     jpeg_draft: bool = Field(
         True, description="decode JPEGs at 1/2, 1/4 or 1/8 scale when that is at least 90% of the model's input "
-        "size (faster; pixels differ slightly from a full decode: val AP moved by less than 0.002 where it "
+        "size (faster; pixels differ slightly from a full decode: val AP moved by at most 0.002 where it "
         "applied); false: the processor's exact pixels")
     compile: bool = Field(
         False, description="torch.compile the model in each detector actor: faster per image after a compile of "
