@@ -31,8 +31,9 @@ def fold_conv_norms(model: Any) -> int:
     with torch.no_grad():
         for owner, conv_name, norm_name, check in _conv_norm_pairs(model):
             conv, norm = getattr(owner, conv_name, None), getattr(owner, norm_name, None)
-            if isinstance(conv, torch.nn.Conv2d) and _batch_norm_stats(norm) is not None:
-                folded += _fold_checked(check, owner, conv, norm, norm_name)
+            stats = _batch_norm_stats(norm) if isinstance(conv, torch.nn.Conv2d) else None
+            if stats is not None:
+                folded += _fold_checked(check, owner, conv, norm, norm_name, stats)
     return folded
 
 
@@ -68,12 +69,12 @@ def _batch_norm_stats(norm: Any) -> tuple[Any, Any, Any, Any, float] | None:
     return (*values, float(getattr(norm, "eps", DEFAULT_EPS)))
 
 
-def _fold_checked(check: Any, owner: Any, conv: Any, norm: Any, norm_name: str) -> int:
-    """Fold `norm` into `conv` and put an identity in its place in `owner`, if `check` gives the same
-    output on a random input afterwards; else leave it as it was. 1 if folded."""
+def _fold_checked(check: Any, owner: Any, conv: Any, norm: Any, norm_name: str, stats: tuple) -> int:
+    """Fold `norm` (its `_batch_norm_stats`) into `conv` and put an identity in its place in `owner`,
+    if `check` gives the same output on a random input afterwards; else leave it as it was. 1 if folded."""
     import torch
 
-    weight, bias, mean, var, eps = _batch_norm_stats(norm)
+    weight, bias, mean, var, eps = stats
     if weight.numel() != conv.out_channels:
         return 0
     side = max(8, *(k + (k - 1) * (d - 1) for k, d in zip(conv.kernel_size, conv.dilation)))

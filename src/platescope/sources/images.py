@@ -88,7 +88,8 @@ DRAFT_SLACK = 0.1
 
 def draft_request(size: tuple[int, int]) -> tuple[int, int]:
     """The smallest decoded (width, height) a JPEG draft may give for a model input of `size`."""
-    return (max(1, math.ceil(size[0] * (1 - DRAFT_SLACK))), max(1, math.ceil(size[1] * (1 - DRAFT_SLACK))))
+    width, height = (max(1, math.ceil(side * (1 - DRAFT_SLACK))) for side in size)
+    return width, height
 
 
 # EXIF orientations that swap width and height (the transposes and the 90-degree turns).
