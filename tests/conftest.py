@@ -284,6 +284,31 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return build_model_dir("yolos-tiny-test", str(tmp_path_factory.mktemp("models") / "yolos-tiny"))
 
 
+@pytest.fixture(scope="session")
+def tiny_rtdetr_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny randomly initialised RT-DETR model dir, built from its config (nothing downloaded)."""
+    from platescope.detectors.presets import build_model_dir
+
+    return build_model_dir("rtdetr-tiny-test", str(tmp_path_factory.mktemp("models") / "rtdetr"))
+
+
+def assert_same_detections(a, b, *, box_atol: float = 0.01, score_atol: float = 1e-5) -> None:
+    """Two lists of Detections agree image by image: labels equal, boxes and scores within tolerance."""
+    import numpy as np
+
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert list(x.labels) == list(y.labels)
+        np.testing.assert_allclose(x.boxes, y.boxes, atol=box_atol)
+        np.testing.assert_allclose(x.scores, y.scores, atol=score_atol)
+
+
+@pytest.fixture
+def same_detections():
+    """assert_same_detections, for tests that compare two detectors' results."""
+    return assert_same_detections
+
+
 @dataclass
 class MixedInputs:
     root: Path

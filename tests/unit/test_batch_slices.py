@@ -15,37 +15,22 @@ from platescope.samples import make_scene
 from platescope.sources.images import decode_image_for_model
 
 
-@pytest.fixture(scope="module")
-def rtdetr_dir(tmp_path_factory) -> str:
-    from platescope.detectors.presets import build_model_dir
-
-    return build_model_dir("rtdetr-tiny-test", str(tmp_path_factory.mktemp("models") / "rtdetr"))
-
-
 def _scenes(n: int, *, sizes: int = 2) -> list[np.ndarray]:
     """n scenes, alternating between `sizes` widths."""
     rng = np.random.default_rng(3)
     return [make_scene(rng, width=160 + 16 * (i % sizes), height=120)[0] for i in range(n)]
 
 
-def _same(a, b) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert list(x.labels) == list(y.labels)
-        np.testing.assert_allclose(x.boxes, y.boxes, atol=0.01)
-        np.testing.assert_allclose(x.scores, y.scores, atol=1e-5)
-
-
-def test_slices_give_the_whole_batch_s_detections_in_order(rtdetr_dir):
-    sliced = HFDetector(rtdetr_dir, threshold=0.0, num_threads=2)
-    whole = HFDetector(rtdetr_dir, threshold=0.0, num_threads=2, slice_batches=False)
+def test_slices_give_the_whole_batch_s_detections_in_order(tiny_rtdetr_dir, same_detections):
+    sliced = HFDetector(tiny_rtdetr_dir, threshold=0.0, num_threads=2)
+    whole = HFDetector(tiny_rtdetr_dir, threshold=0.0, num_threads=2, slice_batches=False)
     assert (sliced.slices, whole.slices) == (2, 1)
     images = _scenes(7)  # two sizes, odd counts: uneven slices of each size group
     found = sliced.detect(images)
-    _same(found, whole.detect(images))
+    same_detections(found, whole.detect(images))
     assert sum(len(d.scores) for d in found) > 0
     # One image at a time (each batch its own slice) is the same again.
-    _same(found, [sliced.detect([im])[0] for im in images])
+    same_detections(found, [sliced.detect([im])[0] for im in images])
 
     # The fast path: images resized to model size by the decode tasks' code.
     import io
@@ -59,11 +44,11 @@ def test_slices_give_the_whole_batch_s_detections_in_order(rtdetr_dir):
         pixels, width, height = decode_image_for_model(buf.getvalue(), sliced.geometry, name="scene")
         resized.append(pixels)
         sizes.append((height, width))
-    _same(sliced.detect_resized(resized, sizes), whole.detect_resized(resized, sizes))
+    same_detections(sliced.detect_resized(resized, sizes), whole.detect_resized(resized, sizes))
 
 
-def test_slices_run_at_once_on_their_own_threads(rtdetr_dir, monkeypatch):
-    detector = HFDetector(rtdetr_dir, num_threads=3)
+def test_slices_run_at_once_on_their_own_threads(tiny_rtdetr_dir, monkeypatch):
+    detector = HFDetector(tiny_rtdetr_dir, num_threads=3)
     seen: dict[int, list[int]] = {}
     inside = threading.Barrier(3, timeout=30)  # passes only when all three slices run at the same time
     run = detector._run
@@ -81,12 +66,12 @@ def test_slices_run_at_once_on_their_own_threads(rtdetr_dir, monkeypatch):
 
 @pytest.mark.parametrize("settings", [dict(num_threads=4, device="cpu", compile=True),
                                       dict(num_threads=None, device="cpu")])
-def test_no_slices_with_compile_or_without_a_thread_count(rtdetr_dir, settings):
+def test_no_slices_with_compile_or_without_a_thread_count(tiny_rtdetr_dir, settings):
     import torch
 
     before = torch.get_num_threads()
     try:
-        assert HFDetector(rtdetr_dir, **settings).slices == 1
+        assert HFDetector(tiny_rtdetr_dir, **settings).slices == 1
     finally:
         torch.set_num_threads(before)
 

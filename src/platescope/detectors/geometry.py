@@ -184,7 +184,9 @@ def to_pixel_values(images: list[np.ndarray], geometry: InputGeometry, device: A
     if not geometry.do_pad and (min(heights) != pad_h or min(widths) != pad_w):
         raise ValueError("images of different sizes need a processor that pads")
     # One uint8 NHWC batch: its NCHW view below is already laid out channels-last, so a channels-last
-    # model takes it without a copy, and rescale + normalise are one fused pass (x * a + b).
+    # model takes it without a copy, and rescale + normalise are one fused pass (x * a + b). For a model
+    # that wants NCHW in memory the uint8 batch is transposed first, a quarter of the bytes of a float
+    # transpose, and the float pixels are made in place (0.35 ms against 1-2.4 ms an image on CPU).
     padded = any(h != pad_h or w != pad_w for h, w in zip(heights, widths))
     batch = (torch.zeros if padded else torch.empty)((len(images), pad_h, pad_w, 3), dtype=torch.uint8)
     view = batch.numpy()  # one copy of each image, read-only or not (Ray's object store gives read-only)
@@ -200,7 +202,10 @@ def to_pixel_values(images: list[np.ndarray], geometry: InputGeometry, device: A
         scale = (scale.double() / std).float()
         shift = (-torch.tensor(geometry.image_mean, dtype=torch.float64) / std).float()
     scale, shift = scale.view(1, 3, 1, 1).to(pixels.device), shift.view(1, 3, 1, 1).to(pixels.device)
-    pixels = torch.addcmul(shift, pixels.float(), scale)
+    if channels_last:
+        pixels = torch.addcmul(shift, pixels.float(), scale)
+    else:
+        pixels = pixels.contiguous().float().mul_(scale).add_(shift)
     mask = None
     if geometry.do_pad:
         mask = torch.zeros((len(images), pad_h, pad_w), dtype=torch.int64)

@@ -122,7 +122,7 @@ def build_detector(spec: DetectorSpec):
         return HFDetector(spec.model, threshold=spec.threshold, device=spec.device, dtype=spec.dtype,
                           trust_remote_code=spec.trust_remote_code, allow_unsafe_weights=spec.allow_unsafe_weights,
                           s3=spec.s3, num_threads=num_threads, compile=spec.compile, nms_iou=spec.nms_iou,
-                          slice_batches=spec.slice_batches)
+                          slice_batches=spec.slice_batches, onnx_runtime=spec.onnx_runtime)
     if spec.detector == "florence2":
         from platescope.detectors.florence2 import Florence2Detector
 
@@ -149,8 +149,8 @@ class DetectorActor:
                                f"the decode tasks used ({self.geometry!r}); was the model dir changed mid-run?")
         import torch
 
-        log.info("detector ready in pid %s: %s (%d torch threads)", os.getpid(), self.detector.model_id,
-                 torch.get_num_threads())
+        log.info("detector ready in pid %s: %s (%d torch threads; model in %s)", os.getpid(),
+                 self.detector.model_id, torch.get_num_threads(), getattr(self.detector, "runtime", "torch"))
 
     def _detect(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Detections]:
         if self.geometry is None:

@@ -8,7 +8,7 @@ or where the run goes (batch size, actors, CPUs/GPUs, address, progress, the err
 evaluation, S3 credentials) are not in it, nor are those the manifest already fixed (input,
 num_inputs_per_shard, incremental, video_segment_s): a resume reads the manifest, not the inputs.
 `device` is left out too: `auto` already resolves per cluster, and CPU and GPU differ only in float
-rounding.
+rounding; so are what runs the model (`onnx_runtime`, `compile`, `slice_batches`), for the same reason.
 
 Weights are named as the detector's `model` column names them (`<model>@<hash12>`): for a local or
 s3:// dir the first 12 hex digits of SHA-256 over the weight files' names and bytes
