@@ -89,6 +89,22 @@ def test_a_model_onnx_runtime_cannot_match_keeps_pytorch_with_a_warning(tiny_rtd
     assert later.runtime == "torch"
 
 
+def test_a_cache_it_cannot_write_keeps_pytorch_with_a_warning(tiny_rtdetr_dir, tmp_path, monkeypatch, caplog,
+                                                               same_detections):
+    images = _scenes(2)
+    expected = HFDetector(tiny_rtdetr_dir, threshold=0.0, num_threads=2, onnx_runtime=False).detect(images)
+    home = tmp_path / "home"
+    home.write_text("a file where the cache's folders would go")
+    monkeypatch.setenv("HOME", str(home))
+    detector = HFDetector(tiny_rtdetr_dir, threshold=0.0, num_threads=2)
+    with caplog.at_level(logging.WARNING, logger=onnx_runtime.__name__):
+        found = detector.detect(images)
+    same_detections(found, expected, score_atol=1e-4)
+    assert detector.runtime == "torch"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "NotADirectoryError" in warnings[0] and str(home) in warnings[0]
+
+
 def test_pytorch_when_asked_or_compiling(tiny_rtdetr_dir, cache):
     assert HFDetector(tiny_rtdetr_dir, num_threads=1, onnx_runtime=False).runtime == "torch"
     assert HFDetector(tiny_rtdetr_dir, num_threads=1, compile=True).runtime == "torch"

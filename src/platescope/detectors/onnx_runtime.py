@@ -14,6 +14,7 @@ warning that says why.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -110,9 +111,13 @@ class OnnxForward:
             try:
                 self._export(path, inputs)
             except OnnxUnavailable as e:
-                _write_atomically(failed, str(e).encode())
+                with contextlib.suppress(OSError):  # a cache it cannot write to: the warning still says why
+                    _write_atomically(failed, str(e).encode())
                 raise
-        return self._load(path)
+        try:
+            return self._load(path)
+        except Exception as e:  # noqa: BLE001 - e.g. a file that another ONNX Runtime version wrote
+            raise OnnxUnavailable(f"{type(self._model).__name__}: {path} does not load: {type(e).__name__}: {e}") from e
 
     def _load(self, path: str) -> Any:
         options = self._ort.SessionOptions()
@@ -144,10 +149,11 @@ class OnnxForward:
             return [(torch.rand((batch, *inputs[n].shape[1:]), generator=generator) if inputs[n].is_floating_point()
                      else torch.ones((batch, *inputs[n].shape[1:]), dtype=inputs[n].dtype)) for n in names]
 
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             import warnings
+
+            os.makedirs(os.path.dirname(path), exist_ok=True)
 
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's warnings about Python values; the check decides
@@ -171,7 +177,11 @@ class OnnxForward:
                 _remove(tmp)
                 raise OnnxUnavailable(f"{type(model).__name__}: the ONNX graph's {name} differ from PyTorch's "
                                       f"by {diff:.3g} (allowed {atol:g})")
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            _remove(tmp)
+            raise OnnxUnavailable(f"{type(model).__name__}: the export cannot be kept at {path}: {e}") from e
         log.info("exported %s to ONNX for inputs %s: %s", type(model).__name__,
                  {n: tuple(inputs[n].shape[1:]) for n in names}, path)
 
@@ -191,7 +201,5 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):  # absent, or its folder never made
         os.remove(path)
-    except FileNotFoundError:
-        pass
