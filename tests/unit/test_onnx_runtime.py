@@ -55,6 +55,18 @@ def test_cpu_model_runs_in_onnx_runtime_with_pytorch_s_boxes_and_is_exported_onc
     assert again.runtime == "onnxruntime" and _exports(cache) == first
 
 
+def _pytorch_with_one_warning(model_dir, images, expected, caplog, same_detections) -> str:
+    """A detector that could not use ONNX Runtime: PyTorch's detections, and one warning, returned."""
+    detector = HFDetector(model_dir, threshold=0.0, num_threads=2)
+    with caplog.at_level(logging.WARNING, logger=onnx_runtime.__name__):
+        found = detector.detect(images)
+    same_detections(found, expected, score_atol=1e-4)
+    assert detector.runtime == "torch"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "runs in PyTorch" in warnings[0]
+    return warnings[0]
+
+
 @pytest.mark.parametrize("failure", ["disagrees", "export raises"])
 def test_a_model_onnx_runtime_cannot_match_keeps_pytorch_with_a_warning(tiny_rtdetr_dir, cache, monkeypatch, caplog,
                                                                          same_detections, failure):
@@ -71,13 +83,7 @@ def test_a_model_onnx_runtime_cannot_match_keeps_pytorch_with_a_warning(tiny_rtd
 
         monkeypatch.setattr(torch.onnx, "export", broken_export)
         reason = "export to ONNX failed: RuntimeError: unsupported operator"
-    detector = HFDetector(tiny_rtdetr_dir, threshold=0.0, num_threads=2)
-    with caplog.at_level(logging.WARNING, logger=onnx_runtime.__name__):
-        found = detector.detect(images)
-    same_detections(found, expected, score_atol=1e-4)
-    assert detector.runtime == "torch"
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and reason in warnings[0] and "runs in PyTorch" in warnings[0]
+    assert reason in _pytorch_with_one_warning(tiny_rtdetr_dir, images, expected, caplog, same_detections)
     assert _exports(cache) == []  # no half-written or unchecked graph left behind
 
     # The verdict is kept: a later detector does not try again, even where it now could.
@@ -96,13 +102,8 @@ def test_a_cache_it_cannot_write_keeps_pytorch_with_a_warning(tiny_rtdetr_dir, t
     home = tmp_path / "home"
     home.write_text("a file where the cache's folders would go")
     monkeypatch.setenv("HOME", str(home))
-    detector = HFDetector(tiny_rtdetr_dir, threshold=0.0, num_threads=2)
-    with caplog.at_level(logging.WARNING, logger=onnx_runtime.__name__):
-        found = detector.detect(images)
-    same_detections(found, expected, score_atol=1e-4)
-    assert detector.runtime == "torch"
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "NotADirectoryError" in warnings[0] and str(home) in warnings[0]
+    warning = _pytorch_with_one_warning(tiny_rtdetr_dir, images, expected, caplog, same_detections)
+    assert "NotADirectoryError" in warning and str(home) in warning
 
 
 def test_pytorch_when_asked_or_compiling(tiny_rtdetr_dir, cache):
