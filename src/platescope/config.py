@@ -347,9 +347,9 @@ class DetectConfig(_Strict):
         True, description="on CPU, each of an actor's torch threads runs its own slice of every batch on one "
         "thread, instead of all threads working on each op in turn (faster; hf detectors without compile)")
     onnx_runtime: bool = Field(
-        True, description="on CPU, run the model in ONNX Runtime (faster: 1.3x on the default model) when it exports "
-        "and agrees with PyTorch, checked once and cached under ~/.cache/platescope/onnx; else PyTorch, with a "
-        "warning (hf detectors without compile)")
+        True, description="on CPU, run the model in ONNX Runtime (its forward pass 1.3x faster on the default model) "
+        "when it exports and agrees with PyTorch, checked once and cached under ~/.cache/platescope/onnx; else "
+        "PyTorch, with a warning (hf detectors without compile)")
     num_cpus_per_decoder: float = Field(0.5, gt=0.0, description="CPUs reserved per fetch+decode task" + _FITS)
     num_inputs_per_shard: int = Field(
         64, ge=1, description="images per shard, the unit of resume (each video is a shard of its own)"
