@@ -378,7 +378,9 @@ def ray_head() -> Iterator[RayHead]:
     token = f"platescope-test-{uuid.uuid4().hex}"
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Unix socket paths must stay short
     env = {**os.environ, "RAY_AUTH_TOKEN": token, "RAY_PORT": str(gcs_port), "RAY_DASHBOARD_PORT": str(dashboard_port),
-           "RAY_NUM_CPUS": "2", "RAY_TEMP_DIR": ray_tmp}
+           "RAY_NUM_CPUS": "2", "RAY_TEMP_DIR": ray_tmp,
+           # the script runs `ray`: this Python's, even when its venv is not activated
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
     head = subprocess.Popen([str(REPO_ROOT / "cluster" / "start-local-head.sh"), "--block", "--num-gpus=1",
                              *(f"{flag}={port}" for flag, port in zip(_HEAD_PORT_FLAGS, other_ports))],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
