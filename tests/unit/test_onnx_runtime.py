@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from platescope.cache import cache_folder
 from platescope.detectors import onnx_runtime
 from platescope.detectors.hf import HFDetector
 from platescope.samples import make_scene
@@ -19,7 +20,7 @@ from platescope.samples import make_scene
 def cache(tmp_path, monkeypatch) -> str:
     """A home of its own, so the exports this test makes and finds are its own."""
     monkeypatch.setenv("HOME", str(tmp_path))
-    return onnx_runtime.onnx_cache_dir()
+    return cache_folder("onnx")
 
 
 def _scenes(n: int) -> list[np.ndarray]:

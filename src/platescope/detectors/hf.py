@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from platescope.cache import cache_folder
 from platescope.cputime import PhaseClock
 from platescope.detectors.fold import fold_conv_norms
 from platescope.detectors.geometry import canvas_target_sizes, clip_boxes, geometry_from_config, to_pixel_values
@@ -29,11 +30,6 @@ from platescope.detectors.nms import class_wise_nms
 from platescope.detectors.loading import resolve_model
 from platescope.schema import Detections
 from platescope.storage import S3Options
-
-def compile_cache_dir() -> str:
-    """Where torch.compile's artefacts are kept between runs (unless TORCHINDUCTOR_CACHE_DIR says)."""
-    return os.path.join(os.path.expanduser("~"), ".cache", "platescope", "torch-compile")
-
 
 _HALF_DTYPES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -126,7 +122,7 @@ class HFDetector:
         # where the model exports and agrees with PyTorch; eager PyTorch for the rest, and on a GPU.
         self._forward = self.model
         if compile:
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache_dir())
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_folder("torch-compile"))
             self._forward = torch.compile(self.model, dynamic=False)
         elif onnx_runtime and self.device.type == "cpu":
             from platescope.detectors.onnx_runtime import OnnxForward

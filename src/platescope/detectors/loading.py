@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from platescope import storage
+from platescope.cache import cache_folder
 from platescope.storage import S3Options
 
 SAFE_SUFFIXES = (".safetensors", ".safetensors.index.json")
@@ -43,10 +44,6 @@ _HUB_ADAPTER_PICKLE_FILES = ["*.bin"]
 
 class UnsafeWeightsError(ValueError):
     """A model or adapter whose weights may not load under the policy; the message names its path."""
-
-
-def default_cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "platescope", "models")
 
 
 def weight_files(path: str) -> list[str]:
@@ -101,7 +98,7 @@ def _fetch_s3_dir(uri: str, s3: S3Options | None, cache_dir: str | None) -> str:
     key = hashlib.sha256(
         "\n".join([uri.rstrip("/")] + [f"{o.uri}\t{o.size}\t{o.version}" for o in objects]).encode()
     ).hexdigest()[:24]
-    root = cache_dir or default_cache_dir()
+    root = cache_dir or cache_folder("models")
     dest = os.path.join(root, f"s3-{key}")
     if os.path.isdir(dest):
         return dest

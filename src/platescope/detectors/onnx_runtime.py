@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from platescope.cache import cache_folder
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when what is exported changes, so old cache entries are not reused
@@ -32,11 +34,6 @@ OPSET = 17
 # Exported graph against PyTorch on the check batch (observed: 1e-5 on logits, 4e-7 on boxes).
 LOGITS_ATOL = 1e-3
 BOXES_ATOL = 1e-4
-
-
-def onnx_cache_dir() -> str:
-    """Where exported graphs are kept between runs."""
-    return os.path.join(os.path.expanduser("~"), ".cache", "platescope", "onnx")
 
 
 class OnnxUnavailable(RuntimeError):
@@ -68,7 +65,7 @@ class OnnxForward:
         self._model = model
         self._ort = ort
         self._num_threads = num_threads
-        self._cache_dir = onnx_cache_dir()
+        self._cache_dir = cache_folder("onnx")
         # The weights by their hash (a model_id is `<name>@<hash>`): the same model dir under another path
         # or from an s3:// copy finds the same export.
         self._identity = json.dumps({

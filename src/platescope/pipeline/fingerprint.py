@@ -30,6 +30,7 @@ import posixpath
 from typing import Any
 
 from platescope import storage
+from platescope.cache import cache_folder
 from platescope.config import DetectConfig
 from platescope.pipeline.errors import PreflightError, StorageUnreachable, is_unreachable
 from platescope.sources.images import DRAFT_SLACK
@@ -43,10 +44,6 @@ FORMAT = 1
 ROW_FIELDS = ("detector", "model", "adapter", "prompt", "threshold", "video_fps", "max_pixels",
               "max_new_tokens", "dtype", "strict", "trust_remote_code", "jpeg_draft", "nms_iou")
 WEIGHTS_FIELDS = {"model": "model_weights", "adapter": "adapter_weights"}
-
-
-def _cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "platescope", "weight-hashes")
 
 
 def _s3_weights_hash(uri: str, s3: S3Options | None) -> str:
@@ -64,7 +61,7 @@ def _s3_weights_hash(uri: str, s3: S3Options | None) -> str:
     names = safe or names
     key = hashlib.sha256("\n".join(f"{top[n].uri}\t{top[n].size}\t{top[n].version}" for n in names)
                          .encode()).hexdigest()[:32]
-    cached = os.path.join(_cache_dir(), key)
+    cached = os.path.join(cache_folder("weight-hashes"), key)
     try:
         with open(cached) as f:
             value = f.read().strip()
@@ -80,7 +77,7 @@ def _s3_weights_hash(uri: str, s3: S3Options | None) -> str:
                 digest.update(chunk)
     value = digest.hexdigest()[:12]
     try:
-        os.makedirs(_cache_dir(), exist_ok=True)
+        os.makedirs(cache_folder("weight-hashes"), exist_ok=True)
         tmp = f"{cached}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(value)
