@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -54,6 +56,27 @@ def test_cpu_model_runs_in_onnx_runtime_with_pytorch_s_boxes_and_is_exported_onc
     again = HFDetector(tiny_rtdetr_dir, threshold=0.0, num_threads=1)  # one thread: whole batches, not slices
     same_detections(again.detect(images), expected, score_atol=1e-4)
     assert again.runtime == "onnxruntime" and _exports(cache) == first
+
+
+def test_actors_starting_together_export_once(tiny_rtdetr_dir, cache, monkeypatch, same_detections):
+    images = _scenes(2)
+    expected = HFDetector(tiny_rtdetr_dir, threshold=0.0, num_threads=1, onnx_runtime=False).detect(images)
+    exports = []
+    export = onnx_runtime.OnnxForward._export
+
+    def slow_export(self, path, inputs):
+        exports.append(path)
+        time.sleep(0.5)  # the other detector reaches the cache meanwhile
+        export(self, path, inputs)
+
+    monkeypatch.setattr(onnx_runtime.OnnxForward, "_export", slow_export)
+    detectors = [HFDetector(tiny_rtdetr_dir, threshold=0.0, num_threads=1) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda d: d.detect(images), detectors))
+    assert len(exports) == 1
+    for found, detector in zip(results, detectors):
+        same_detections(found, expected, score_atol=1e-4)
+        assert detector.runtime == "onnxruntime"
 
 
 def _pytorch_with_one_warning(model_dir, images, expected, caplog, same_detections) -> str:

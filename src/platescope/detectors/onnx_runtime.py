@@ -101,16 +101,19 @@ class OnnxForward:
         digest = hashlib.sha256((self._identity + repr(key)).encode()).hexdigest()[:32]
         path = os.path.join(self._cache_dir, digest + ".onnx")
         failed = path + ".failed"
+        if not os.path.exists(path) and not os.path.exists(failed):
+            # One export per machine: the actors that start beside the exporting one wait for its file.
+            with _exclusive(path + ".lock"):
+                if not os.path.exists(path) and not os.path.exists(failed):
+                    try:
+                        self._export(path, inputs)
+                    except OnnxUnavailable as e:
+                        with contextlib.suppress(OSError):  # a cache it cannot write to: the warning says why
+                            _write_atomically(failed, str(e).encode())
+                        raise
         if os.path.exists(failed):
             with open(failed) as f:
                 raise OnnxUnavailable(f"{f.read().strip()} (as found before: delete {failed} to try again)")
-        if not os.path.exists(path):
-            try:
-                self._export(path, inputs)
-            except OnnxUnavailable as e:
-                with contextlib.suppress(OSError):  # a cache it cannot write to: the warning still says why
-                    _write_atomically(failed, str(e).encode())
-                raise
         try:
             return self._load(path)
         except Exception as e:  # noqa: BLE001 - e.g. a file that another ONNX Runtime version wrote
@@ -187,6 +190,25 @@ def _feeds(session: Any, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
     """The inputs the graph takes, as NCHW arrays. A graph lacks the inputs its model ignores (RT-DETR
     takes a pixel_mask and does not read it), so an input it does not name is left out."""
     return {i.name: inputs[i.name].contiguous().numpy() for i in session.get_inputs()}
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+    """Holds an exclusive lock on lock_path across processes (released if the holder dies); where the
+    lock file cannot be made, goes on without it (the export then fails and says why)."""
+    import fcntl
+
+    try:
+        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+        handle = open(lock_path, "a")  # noqa: SIM115 - closed below, after the lock is released
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # closing releases the lock
 
 
 def _write_atomically(path: str, data: bytes) -> None:
