@@ -3,8 +3,9 @@
 ONNX Runtime runs the default model 1.3x faster than eager PyTorch on CPU here (its graph
 optimisations fuse convolutions with what follows them and run them in a blocked layout), with the
 same boxes up to float rounding. The model is exported once per input shape (about 7 s for the
-default model) and kept on disk, keyed by everything the graph depends on, so later runs and other
-actors on the machine load it in under a second.
+default model; actors that start together wait for the one exporting) and kept on disk, keyed by
+everything the graph depends on, so later runs and other actors on the machine load it in under a
+second.
 
 An export is trusted only after it is checked: the exported graph and the PyTorch model run the same
 random batch, at a batch size other than the one traced, and must agree. A model that fails to export
@@ -129,7 +130,7 @@ class OnnxForward:
 
     def _export(self, path: str, inputs: dict[str, Any]) -> None:
         """Trace the model on a batch of 2 shaped like `inputs`, check it on a batch of 3, then move it
-        into place (a file is either whole or absent, whichever actor gets there first)."""
+        into place (so a file there is whole and checked)."""
         import torch
 
         names = sorted(inputs)
