@@ -35,6 +35,8 @@ OPSET = 17
 # Exported graph against PyTorch on the check batch (observed: 1e-5 on logits, 4e-7 on boxes).
 LOGITS_ATOL = 1e-3
 BOXES_ATOL = 1e-4
+# torch's exporter keeps global state: two exports at once in one process break each other.
+_EXPORTER = threading.Lock()
 
 
 class OnnxUnavailable(RuntimeError):
@@ -156,7 +158,7 @@ class OnnxForward:
 
             os.makedirs(os.path.dirname(path), exist_ok=True)
 
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            with _EXPORTER, torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's warnings about Python values; the check decides
                 torch.onnx.export(
                     Outputs().eval(), tuple(example(2, 0)), tmp, input_names=names,
@@ -205,11 +207,10 @@ def _exclusive(lock_path: str):
     except OSError:
         yield
         return
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with handle:  # closing releases the lock
+        with contextlib.suppress(OSError):  # a file system without locks: exports may then overlap
+            fcntl.flock(handle, fcntl.LOCK_EX)
         yield
-    finally:
-        handle.close()  # closing releases the lock
 
 
 def _write_atomically(path: str, data: bytes) -> None:
