@@ -76,7 +76,7 @@ class OnnxForward:
             "config": model.config.to_json_string(use_diff=False), "torch": torch.__version__,
             "transformers": transformers.__version__,
         }, sort_keys=True)
-        self._sessions: dict[tuple, Any] = {}
+        self._sessions: dict[tuple, Any] = {}  # input shapes -> (session, the names of its graph inputs)
         self._lock = threading.Lock()
         self.runtime = "onnxruntime"
 
@@ -97,7 +97,8 @@ class OnnxForward:
                         self.runtime = "torch"
         if session is None:
             return self._model(**inputs)
-        logits, boxes = session.run(["logits", "pred_boxes"], _feeds(session, inputs))
+        session, graph_inputs = session
+        logits, boxes = session.run(["logits", "pred_boxes"], _feeds(graph_inputs, inputs))
         return ForwardOutput(logits=torch.from_numpy(logits), pred_boxes=torch.from_numpy(boxes))
 
     def _session(self, key: tuple, inputs: dict[str, Any]) -> Any:
@@ -118,7 +119,8 @@ class OnnxForward:
             with open(failed) as f:
                 raise OnnxUnavailable(f"{f.read().strip()} (as found before: delete {failed} to try again)")
         try:
-            return self._load(path)
+            session = self._load(path)
+            return session, [i.name for i in session.get_inputs()]  # read once, not per batch
         except Exception as e:  # noqa: BLE001 - e.g. a file that another ONNX Runtime version wrote
             raise OnnxUnavailable(f"{type(self._model).__name__}: {path} does not load: {type(e).__name__}: {e}") from e
 
@@ -169,7 +171,8 @@ class OnnxForward:
             with torch.no_grad():
                 expected = model(**dict(zip(names, check)))
             exported = self._load(tmp)
-            got = exported.run(["logits", "pred_boxes"], _feeds(exported, dict(zip(names, check))))
+            got = exported.run(["logits", "pred_boxes"],
+                               _feeds([i.name for i in exported.get_inputs()], dict(zip(names, check))))
         except Exception as e:  # noqa: BLE001 - any export failure means: keep PyTorch, say why
             _remove(tmp)
             raise OnnxUnavailable(f"{type(model).__name__}: export to ONNX failed: {type(e).__name__}: {e}") from e
@@ -189,10 +192,10 @@ class OnnxForward:
                  {n: tuple(inputs[n].shape[1:]) for n in names}, path)
 
 
-def _feeds(session: Any, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+def _feeds(graph_inputs: list[str], inputs: dict[str, Any]) -> dict[str, np.ndarray]:
     """The inputs the graph takes, as NCHW arrays. A graph lacks the inputs its model ignores (RT-DETR
     takes a pixel_mask and does not read it), so an input it does not name is left out."""
-    return {i.name: inputs[i.name].contiguous().numpy() for i in session.get_inputs()}
+    return {name: inputs[name].contiguous().numpy() for name in graph_inputs}
 
 
 @contextlib.contextmanager
