@@ -292,6 +292,35 @@ def tiny_rtdetr_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return build_model_dir("rtdetr-tiny-test", str(tmp_path_factory.mktemp("models") / "rtdetr"))
 
 
+def build_conditional_detr_dir(dest: str) -> str:
+    """A tiny Conditional-DETR built from its config (there is no preset: only tests use it)."""
+    import torch
+    import transformers
+    from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ResNetConfig
+    from transformers.utils import is_torchvision_available
+
+    backbone = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                            layer_type="basic", out_features=["stage4"])
+    config = ConditionalDetrConfig(backbone_config=backbone, d_model=32, encoder_layers=1, decoder_layers=1,
+                                   encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                   decoder_ffn_dim=64, num_queries=10, init_std=0.15,
+                                   id2label={0: "licence_plate"}, label2id={"licence_plate": 0})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ConditionalDetrForObjectDetection(config).eval()
+    name = "ConditionalDetrImageProcessor" + ("" if is_torchvision_available() else "Pil")
+    processor = getattr(transformers, name)(size={"shortest_edge": 128, "longest_edge": 224})
+    model.save_pretrained(dest)
+    processor.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def conditional_detr_builder():
+    """build_conditional_detr_dir, for tests that need that family too."""
+    return build_conditional_detr_dir
+
+
 def assert_same_detections(a, b, *, box_atol: float = 0.01, score_atol: float = 1e-5) -> None:
     """Two lists of Detections agree image by image: labels equal, boxes and scores within tolerance."""
     import numpy as np

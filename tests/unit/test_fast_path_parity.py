@@ -21,34 +21,11 @@ THRESHOLD = 0.3
 SIZES = [(320, 180), (256, 192), (150, 260), (200, 200), (301, 157)]
 
 
-def _conditional_detr_dir(dest: str) -> str:
-    """A tiny Conditional-DETR built from its config (there is no preset: it is tested here only)."""
-    import torch
-    import transformers
-    from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ResNetConfig
-    from transformers.utils import is_torchvision_available
-
-    backbone = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-                            layer_type="basic", out_features=["stage4"])
-    config = ConditionalDetrConfig(backbone_config=backbone, d_model=32, encoder_layers=1, decoder_layers=1,
-                                   encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                                   decoder_ffn_dim=64, num_queries=10, init_std=0.15,
-                                   id2label={0: "licence_plate"}, label2id={"licence_plate": 0})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = ConditionalDetrForObjectDetection(config).eval()
-    name = "ConditionalDetrImageProcessor" + ("" if is_torchvision_available() else "Pil")
-    processor = getattr(transformers, name)(size={"shortest_edge": 128, "longest_edge": 224})
-    model.save_pretrained(dest)
-    processor.save_pretrained(dest)
-    return dest
-
-
 @pytest.fixture(scope="module", params=["yolos-tiny-test", "detr-tiny-test", "rtdetr-tiny-test", "conditional-detr"])
-def model_dir(request, tmp_path_factory) -> str:
+def model_dir(request, tmp_path_factory, conditional_detr_builder) -> str:
     dest = str(tmp_path_factory.mktemp("models") / request.param)
     if request.param == "conditional-detr":
-        return _conditional_detr_dir(dest)
+        return conditional_detr_builder(dest)
     from platescope.detectors.presets import build_model_dir
 
     return build_model_dir(request.param, dest)

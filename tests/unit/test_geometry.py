@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from platescope.detectors.geometry import geometry_from_config, read_geometry, to_pixel_values
+from platescope.detectors.geometry import geometry_from_config, pixel_arrays, read_geometry, to_pixel_values
 
 # (processor class, size config): fixed, shortest/longest (both the DETR and the YOLOS rounding), max h/w
 PROCESSORS = [
@@ -83,6 +83,24 @@ def test_a_padding_processor_pads_a_mixed_batch_as_it_does(tmp_path):
     got = to_pixel_values([geometry.resize(im) for im in images], geometry, "cpu")
     np.testing.assert_allclose(got["pixel_values"].numpy(), expected["pixel_values"].numpy(), atol=1e-5)
     np.testing.assert_array_equal(got["pixel_mask"].numpy(), expected["pixel_mask"].numpy())
+
+
+@pytest.mark.parametrize("name, size, shapes", [
+    ("DetrImageProcessor", {"shortest_edge": 96, "longest_edge": 160}, [(72, 128), (128, 72), (50, 50)]),  # pads
+    ("RTDetrImageProcessor", {"height": 64, "width": 96}, [(720, 1280), (300, 200)]),  # no normalise, no pad
+    ("YolosImageProcessor", {"shortest_edge": 96, "longest_edge": 160}, [(72, 128), (90, 120)]),  # normalises, pads
+])
+def test_numpy_pixel_values_are_torch_s_bit_for_bit(tmp_path, name, size, shapes):
+    geometry = read_geometry(_saved_processor(tmp_path, name, size))
+    images = [geometry.resize(_image(h, w, seed)) for seed, (h, w) in enumerate(shapes)]
+    groups = [images] if geometry.do_pad else [[im] for im in images]  # a fixed-size processor: one size a batch
+    for group in groups:
+        want = to_pixel_values(group, geometry, "cpu")
+        got = pixel_arrays(group, geometry)
+        assert sorted(got) == sorted(want)
+        for key, array in got.items():
+            assert array.dtype == want[key].numpy().dtype and array.flags.c_contiguous
+            np.testing.assert_array_equal(array, want[key].numpy(), err_msg=key)
 
 
 def test_a_fixed_size_processor_refuses_a_mixed_batch(tmp_path):

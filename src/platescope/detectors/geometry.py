@@ -77,6 +77,15 @@ class InputGeometry(BaseModel):
             image = image.resize((out_w, out_h), resample=self.resample)
         return np.asarray(image)
 
+    def fixed_canvas(self) -> tuple[int, int] | None:
+        """(height, width) of every batch's pixel_values, when that does not depend on the images: a
+        fixed output size, or padding to a fixed size. None when the input keeps each image's aspect."""
+        if self.do_pad and self.pad_height and self.pad_width:
+            return self.pad_height, self.pad_width
+        if self.height and self.width:
+            return self.height, self.width
+        return None
+
     def _size_for(self, height: int, width: int) -> tuple[int, int]:
         out_h, out_w = self.output_size(height, width)
         if min(out_h, out_w) < 1:
@@ -170,6 +179,53 @@ def read_geometry(model_dir: str, s3=None) -> InputGeometry | None:
     return geometry_from_config(config) if isinstance(config, dict) else None
 
 
+def _canvas(images: list[np.ndarray], geometry: InputGeometry) -> tuple[int, int, bool]:
+    """(height, width) of a batch's pixel_values, and whether any image is padded to reach it."""
+    heights = [im.shape[0] for im in images]
+    widths = [im.shape[1] for im in images]
+    pad_h = geometry.pad_height or max(heights) if geometry.do_pad else max(heights)
+    pad_w = geometry.pad_width or max(widths) if geometry.do_pad else max(widths)
+    if not geometry.do_pad and (min(heights) != pad_h or min(widths) != pad_w):
+        raise ValueError("images of different sizes need a processor that pads")
+    return pad_h, pad_w, any(h != pad_h or w != pad_w for h, w in zip(heights, widths))
+
+
+def _scale_shift(geometry: InputGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (scale, shift) per channel with x * scale + shift = the processor's rescale then normalise
+    of a uint8 value x; combined in float64 from the float32 rescale factor, as torch did before."""
+    scale = np.full(3, geometry.rescale_factor if geometry.rescale_factor is not None else 1.0, dtype=np.float32)
+    shift = np.zeros(3, dtype=np.float32)
+    if geometry.image_mean is not None:
+        std = np.asarray(geometry.image_std, dtype=np.float64)
+        scale = (scale.astype(np.float64) / std).astype(np.float32)
+        shift = (-np.asarray(geometry.image_mean, dtype=np.float64) / std).astype(np.float32)
+    return scale, shift
+
+
+def _pixel_mask(images: list[np.ndarray], height: int, width: int) -> np.ndarray:
+    mask = np.zeros((len(images), height, width), dtype=np.int64)
+    for i, im in enumerate(images):
+        mask[i, : im.shape[0], : im.shape[1]] = 1
+    return mask
+
+
+def pixel_arrays(images: list[np.ndarray], geometry: InputGeometry) -> dict[str, np.ndarray]:
+    """`to_pixel_values` in numpy, for a model that runs on the host without torch (an ONNX export):
+    float32 NCHW pixel_values, and an int64 pixel_mask when the processor pads. Same values, bit for
+    bit: the same float32 multiply and add per pixel, and zeros in the padding."""
+    pad_h, pad_w, padded = _canvas(images, geometry)
+    scale, shift = (v.reshape(3, 1, 1) for v in _scale_shift(geometry))
+    pixels = (np.zeros if padded else np.empty)((len(images), 3, pad_h, pad_w), dtype=np.float32)
+    for i, im in enumerate(images):
+        out = pixels[i, :, : im.shape[0], : im.shape[1]]
+        np.multiply(im.transpose(2, 0, 1), scale, out=out)
+        out += shift
+    out_arrays = {"pixel_values": pixels}
+    if geometry.do_pad:
+        out_arrays["pixel_mask"] = _pixel_mask(images, pad_h, pad_w)
+    return out_arrays
+
+
 def to_pixel_values(images: list[np.ndarray], geometry: InputGeometry, device: Any, *,
                     channels_last: bool = False) -> dict[str, Any]:
     """Model-size uint8 images -> the processor's output tensors (pixel_values, and pixel_mask when it
@@ -177,17 +233,11 @@ def to_pixel_values(images: list[np.ndarray], geometry: InputGeometry, device: A
     `channels_last` lays pixel_values out as a channels-last model wants them (same values)."""
     import torch
 
-    heights = [im.shape[0] for im in images]
-    widths = [im.shape[1] for im in images]
-    pad_h = geometry.pad_height or max(heights) if geometry.do_pad else max(heights)
-    pad_w = geometry.pad_width or max(widths) if geometry.do_pad else max(widths)
-    if not geometry.do_pad and (min(heights) != pad_h or min(widths) != pad_w):
-        raise ValueError("images of different sizes need a processor that pads")
+    pad_h, pad_w, padded = _canvas(images, geometry)
     # One uint8 NHWC batch: its NCHW view below is already laid out channels-last, so a channels-last
     # model takes it without a copy, and rescale + normalise are one fused pass (x * a + b). For a model
     # that wants NCHW in memory the uint8 batch is transposed first, a quarter of the bytes of a float
     # transpose, and the float pixels are made in place (0.35 ms against 1-2.4 ms an image on CPU).
-    padded = any(h != pad_h or w != pad_w for h, w in zip(heights, widths))
     batch = (torch.zeros if padded else torch.empty)((len(images), pad_h, pad_w, 3), dtype=torch.uint8)
     view = batch.numpy()  # one copy of each image, read-only or not (Ray's object store gives read-only)
     for i, im in enumerate(images):
@@ -195,23 +245,14 @@ def to_pixel_values(images: list[np.ndarray], geometry: InputGeometry, device: A
     if device is not None and torch.device(device).type == "cuda":
         batch = batch.pin_memory()
     pixels = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
-    scale = torch.full((3,), geometry.rescale_factor if geometry.rescale_factor is not None else 1.0)
-    shift = torch.zeros(3)
-    if geometry.image_mean is not None:
-        std = torch.tensor(geometry.image_std, dtype=torch.float64)
-        scale = (scale.double() / std).float()
-        shift = (-torch.tensor(geometry.image_mean, dtype=torch.float64) / std).float()
-    scale, shift = scale.view(1, 3, 1, 1).to(pixels.device), shift.view(1, 3, 1, 1).to(pixels.device)
+    scale, shift = (torch.from_numpy(v).view(1, 3, 1, 1).to(pixels.device) for v in _scale_shift(geometry))
     if channels_last:
         pixels = torch.addcmul(shift, pixels.float(), scale)
     else:
         pixels = pixels.contiguous().float().mul_(scale).add_(shift)
     mask = None
     if geometry.do_pad:
-        mask = torch.zeros((len(images), pad_h, pad_w), dtype=torch.int64)
-        for i, im in enumerate(images):
-            mask[i, : im.shape[0], : im.shape[1]] = 1
-        mask = mask.to(pixels.device)
+        mask = torch.from_numpy(_pixel_mask(images, pad_h, pad_w)).to(pixels.device)
         if padded:  # padding is zero after normalisation, as the processor pads the normalised image
             pixels = torch.where(mask.unsqueeze(1).bool(), pixels, torch.zeros((), device=pixels.device))
     out = {"pixel_values": pixels.contiguous(memory_format=torch.channels_last if channels_last

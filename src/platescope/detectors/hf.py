@@ -19,15 +19,17 @@ import contextlib
 import inspect
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from platescope.cache import cache_folder
 from platescope.cputime import PhaseClock
 from platescope.detectors.fold import fold_conv_norms
-from platescope.detectors.geometry import canvas_target_sizes, clip_boxes, geometry_from_config, to_pixel_values
-from platescope.detectors.nms import class_wise_nms
+from platescope.detectors.geometry import geometry_from_config, to_pixel_values
 from platescope.detectors.loading import resolve_model
+from platescope.detectors.postprocess import box_frames, finish
+from platescope.detectors.slices import resized_groups, run_slices, slice_indices
 from platescope.schema import Detections
 from platescope.storage import S3Options
 
@@ -110,11 +112,9 @@ class HFDetector:
         self.geometry = geometry_from_config(self.processor.to_dict())
         # CPU time of preprocess, model and postprocess, which the pipeline reports per image.
         self.clock = PhaseClock()
-        # On CPU, num_threads threads each run a slice of the batch on one torch thread, rather than all
-        # of them working on each op in turn: ops of one small image leave threads waiting on each other,
-        # and the model's Python between ops runs while the other slices compute (measured on the default
-        # model on 2 cores: see README, "Benchmark"). Not with torch.compile, whose graphs are not shared
-        # across threads here, nor on a GPU, which one stream of batches keeps busy.
+        # On CPU, num_threads threads each run a slice of the batch on one torch thread (detectors.slices).
+        # Not with torch.compile, whose graphs are not shared across threads here, nor on a GPU, which
+        # one stream of batches keeps busy.
         self.slices = (num_threads or 1) if slice_batches and self.device.type == "cpu" and not compile else 1
         # What runs the model. torch.compile: compiled on the first batch of each input shape (minutes on
         # CPU for the default model), and kept in inductor's cache on disk so a later run on this machine
@@ -125,10 +125,13 @@ class HFDetector:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_folder("torch-compile"))
             self._forward = torch.compile(self.model, dynamic=False)
         elif onnx_runtime and self.device.type == "cpu":
-            from platescope.detectors.onnx_runtime import OnnxForward
+            from platescope.detectors.onnx_runtime import OnnxForward, export_identity, model_dir_identity
 
-            self._forward = OnnxForward(self.model, self.model_id,
-                                        num_threads=1 if self.slices > 1 else num_threads)
+            identity = (model_dir_identity(weights.path, weights.weights_hash, trust_remote_code=trust_remote_code)
+                        if weights.is_local else
+                        export_identity(self.model_id, self.model.config.to_json_string(use_diff=False),
+                                        self.processor.to_json_string(), trust_remote_code=trust_remote_code))
+            self._forward = OnnxForward(self.model, identity, num_threads=1 if self.slices > 1 else num_threads)
         self._pool = None
         if self.slices > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -166,13 +169,7 @@ class HFDetector:
         left here is the model itself. Grouped by size for the reason `detect` gives."""
         if self.geometry is None:
             raise ValueError("this model's image processor has no known geometry; use detect()")
-        if len(images) != len(sizes):
-            raise ValueError(f"{len(images)} images but {len(sizes)} sizes")
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, image in enumerate(images):
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise ValueError(f"image {i}: expected H x W x 3 uint8 RGB, got {image.dtype} {image.shape}")
-            groups.setdefault(image.shape[:2], []).append(i)
+        groups = resized_groups(images, sizes)
 
         def run(indices: list[int]) -> list[Detections]:
             with self.clock.phase("preprocess"):
@@ -199,8 +196,8 @@ class HFDetector:
     def _sliced(self, indices: list[int], run) -> list[Detections]:
         """run(indices) for one group of same-size images: cut into `self.slices` slices run at once on
         the slice threads (one torch thread each), or whole on this thread with all of num_threads."""
-        slices = [part.tolist() for part in np.array_split(np.asarray(indices), min(self.slices, len(indices)))]
-        if len(slices) == 1:
+        parts = slice_indices(indices, self.slices)
+        if len(parts) == 1:
             if self._pool is not None:
                 import torch
 
@@ -208,12 +205,7 @@ class HFDetector:
                 # thread (Ray may call from a new one) gets all of num_threads back.
                 torch.set_num_threads(self.num_threads)
             return run(indices)
-
-        def run_slice(part: list[int]) -> list[Detections]:
-            with self.clock.own_thread():
-                return run(part)
-
-        return [det for part in self._pool.map(run_slice, slices) for det in part]
+        return run_slices(self._pool, self.clock, parts, run)
 
     def _detect_same_size(self, images: list[np.ndarray]) -> list[Detections]:
         import torch
@@ -233,9 +225,8 @@ class HFDetector:
         import torch
 
         pixels = inputs.get("pixel_values")
-        target_sizes = (canvas_target_sizes(image_sizes, self.geometry, tuple(pixels.shape[-2:]))
-                        if pixels is not None else image_sizes)
-        padded = any(tuple(map(float, t)) != tuple(map(float, s)) for t, s in zip(target_sizes, image_sizes))
+        frames, padded = (box_frames(image_sizes, self.geometry, tuple(pixels.shape[-2:])) if pixels is not None
+                          else (image_sizes, False))
 
         amp = (torch.autocast(self.device.type, dtype=self._amp_dtype) if self._amp_dtype is not None
                else contextlib.nullcontext())
@@ -249,20 +240,8 @@ class HFDetector:
                 outputs.pred_boxes = outputs.pred_boxes.float().cpu()
             with self.clock.phase("postprocess"):
                 results = self.processor.post_process_object_detection(
-                    outputs, threshold=self.threshold, target_sizes=target_sizes if padded else image_sizes
-                )
-                detections = []
-                for r in results:
-                    boxes, scores, label_ids = r["boxes"].numpy(), r["scores"].numpy(), r["labels"].numpy()
-                    if padded:  # a box may reach into the padding; the image ends where it ends
-                        boxes = clip_boxes(boxes, image_sizes[len(detections)])
-                    if self.nms_iou is not None:
-                        keep = class_wise_nms(boxes, scores, label_ids, self.nms_iou)
-                        boxes, scores, label_ids = boxes[keep], scores[keep], label_ids[keep]
-                    detections.append(Detections(
-                        boxes=boxes,
-                        scores=scores,
-                        label_ids=label_ids,
-                        labels=[self._id2label.get(int(i), str(int(i))) for i in label_ids],
-                    ))
+                    outputs, threshold=self.threshold, target_sizes=frames)
+                detections = [finish(r["boxes"].numpy(), r["scores"].numpy(), r["labels"].numpy(), image_size=size,
+                                     padded=padded, nms_iou=self.nms_iou, id2label=self._id2label)
+                              for r, size in zip(results, image_sizes)]
         return detections

@@ -198,13 +198,23 @@ class WeightsSource:
         return {"trust_remote_code": self.trust_remote_code, **self._hub_kwargs()}
 
 
+def resolve_local_model(model: str, *, s3: S3Options | None = None, cache_dir: str | None = None,
+                        allow_unsafe_weights: bool = False, trust_remote_code: bool = False) -> WeightsSource | None:
+    """`resolve_model` of a local or s3:// dir; None for a hub id (then nothing is fetched or imported)."""
+    local = local_model_dir(model, s3, cache_dir)
+    if local is None:
+        return None
+    check_weights(local, allow_unsafe_weights, name=model)
+    return WeightsSource(model, local, True, allow_unsafe_weights, trust_remote_code, cache_dir)
+
+
 def resolve_model(model: str, *, s3: S3Options | None = None, cache_dir: str | None = None,
                   allow_unsafe_weights: bool = False, trust_remote_code: bool = False) -> WeightsSource:
     """A model dir (local, s3:// or hub id) under the policy; a local one's weights are checked here."""
-    local = local_model_dir(model, s3, cache_dir)
+    local = resolve_local_model(model, s3=s3, cache_dir=cache_dir, allow_unsafe_weights=allow_unsafe_weights,
+                                trust_remote_code=trust_remote_code)
     if local is not None:
-        check_weights(local, allow_unsafe_weights, name=model)
-        return WeightsSource(model, local, True, allow_unsafe_weights, trust_remote_code, cache_dir)
+        return local
     return WeightsSource(model, model, False, allow_unsafe_weights, trust_remote_code, cache_dir,
                          revision=hub_revision(model, cache_dir))
 

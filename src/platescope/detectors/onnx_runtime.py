@@ -5,7 +5,8 @@ optimisations fuse convolutions with what follows them and run them in a blocked
 same boxes up to float rounding. The model is exported once per input shape (about 7 s for the
 default model; actors that start together wait for the one exporting) and kept on disk, keyed by
 everything the graph depends on, so later runs and other actors on the machine load it in under a
-second.
+second; everything the key holds is read from files (`model_dir_identity`), so a detector that never
+loads torch (detectors.onnx_detector) finds what an HFDetector exported.
 
 An export is trusted only after it is checked: the exported graph and the PyTorch model run the same
 random batch, at a batch size other than the one traced, and must agree. A model that fails to export
@@ -30,7 +31,7 @@ from platescope.cache import cache_folder
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when what is exported changes, so old cache entries are not reused
+FORMAT = 2  # bump when what is exported changes, so old cache entries are not reused
 OPSET = 17
 # Exported graph against PyTorch on the check batch (observed: 1e-5 on logits, 4e-7 on boxes).
 LOGITS_ATOL = 1e-3
@@ -41,6 +42,58 @@ _EXPORTER = threading.Lock()
 
 class OnnxUnavailable(RuntimeError):
     """This model cannot run in ONNX Runtime (export failed or disagreed with PyTorch); the message says why."""
+
+
+def export_identity(weights: str, config: str, processor: str | None, *, trust_remote_code: bool) -> str:
+    """Everything an exported graph depends on, as one string: the weights (by hash, or a hub commit), the
+    model's and its processor's configs as saved (the processor decides which inputs the model gets),
+    whether the model's own code ran, and the versions of the code that built and traced it."""
+    from importlib import metadata
+
+    def digest(text: str | None) -> str | None:
+        return None if text is None else hashlib.sha256(text.encode()).hexdigest()
+
+    return json.dumps({
+        "format": FORMAT, "opset": OPSET, "weights": weights, "config": digest(config), "processor": digest(processor),
+        "trust_remote_code": trust_remote_code, "torch": metadata.version("torch"),
+        "transformers": metadata.version("transformers"),
+    }, sort_keys=True)
+
+
+def model_dir_identity(path: str, weights_hash: str, *, trust_remote_code: bool) -> str:
+    """export_identity of a local model dir, from its files alone (no torch, no transformers)."""
+    texts = []
+    for name in ("config.json", "preprocessor_config.json"):
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                texts.append(f.read())
+        except FileNotFoundError:
+            texts.append(None)
+    return export_identity(weights_hash, texts[0] or "", texts[1], trust_remote_code=trust_remote_code)
+
+
+def export_path(identity: str, pixel_shape: tuple[int, ...]) -> str:
+    """Where the export of a model (its export_identity) for pixel_values of (channels, height, width) is
+    kept. The other inputs' shapes follow from these two (the processor config is in the identity)."""
+    digest = hashlib.sha256((identity + repr(tuple(int(d) for d in pixel_shape))).encode()).hexdigest()[:32]
+    return os.path.join(cache_folder("onnx"), digest + ".onnx")
+
+
+def failed_marker(path: str) -> str:
+    """The file that records why the export at `path` could not be made or trusted."""
+    return path + ".failed"
+
+
+def load_session(path: str, num_threads: int | None) -> Any:
+    """An ONNX Runtime session on the CPU for the graph at `path`, with `num_threads` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads or 0  # 0: ONNX Runtime's default, all cores
+    options.inter_op_num_threads = 1
+    # Its threads sleep between ops rather than spin: decode tasks share these cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 @dataclass
@@ -60,22 +113,10 @@ class OnnxForward:
     slices share a session, each running it on its own thread with `num_threads` ONNX Runtime threads.
     """
 
-    def __init__(self, model: Any, model_id: str, *, num_threads: int | None) -> None:
-        import onnxruntime as ort
-        import torch
-        import transformers
-
+    def __init__(self, model: Any, identity: str, *, num_threads: int | None) -> None:
         self._model = model
-        self._ort = ort
         self._num_threads = num_threads
-        self._cache_dir = cache_folder("onnx")
-        # The weights by their hash (a model_id is `<name>@<hash>`): the same model dir under another path
-        # or from an s3:// copy finds the same export.
-        self._identity = json.dumps({
-            "format": FORMAT, "opset": OPSET, "weights": model_id.rpartition("@")[2], "class": type(model).__name__,
-            "config": model.config.to_json_string(use_diff=False), "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        }, sort_keys=True)
+        self._identity = identity  # export_identity of the model
         self._sessions: dict[tuple, Any] = {}  # input shapes -> (session, the names of its graph inputs)
         self._lock = threading.Lock()
         self.runtime = "onnxruntime"
@@ -102,9 +143,11 @@ class OnnxForward:
         return ForwardOutput(logits=torch.from_numpy(logits), pred_boxes=torch.from_numpy(boxes))
 
     def _session(self, key: tuple, inputs: dict[str, Any]) -> Any:
-        digest = hashlib.sha256((self._identity + repr(key)).encode()).hexdigest()[:32]
-        path = os.path.join(self._cache_dir, digest + ".onnx")
-        failed = path + ".failed"
+        if "pixel_values" not in inputs:
+            raise OnnxUnavailable(f"{type(self._model).__name__}: exported by the shape of its pixel_values, "
+                                  f"but it was given {sorted(inputs)}")
+        path = export_path(self._identity, tuple(inputs["pixel_values"].shape[1:]))
+        failed = failed_marker(path)
         if not os.path.exists(path) and not os.path.exists(failed):
             # One export per machine: the actors that start beside the exporting one wait for its file.
             with _exclusive(path + ".lock"):
@@ -119,18 +162,10 @@ class OnnxForward:
             with open(failed) as f:
                 raise OnnxUnavailable(f"{f.read().strip()} (as found before: delete {failed} to try again)")
         try:
-            session = self._load(path)
+            session = load_session(path, self._num_threads)
             return session, [i.name for i in session.get_inputs()]  # read once, not per batch
         except Exception as e:  # noqa: BLE001 - e.g. a file that another ONNX Runtime version wrote
             raise OnnxUnavailable(f"{type(self._model).__name__}: {path} does not load: {type(e).__name__}: {e}") from e
-
-    def _load(self, path: str) -> Any:
-        options = self._ort.SessionOptions()
-        options.intra_op_num_threads = self._num_threads or 0  # 0: ONNX Runtime's default, all cores
-        options.inter_op_num_threads = 1
-        # Its threads sleep between ops rather than spin: decode tasks share these cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return self._ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     def _export(self, path: str, inputs: dict[str, Any]) -> None:
         """Trace the model on a batch of 2 shaped like `inputs`, check it on a batch of 3, then move it
@@ -170,7 +205,7 @@ class OnnxForward:
             check = example(3, 1)
             with torch.no_grad():
                 expected = model(**dict(zip(names, check)))
-            exported = self._load(tmp)
+            exported = load_session(tmp, self._num_threads)
             got = exported.run(["logits", "pred_boxes"],
                                _feeds([i.name for i in exported.get_inputs()], dict(zip(names, check))))
         except Exception as e:  # noqa: BLE001 - any export failure means: keep PyTorch, say why

@@ -109,6 +109,13 @@ def spec_num_threads(spec: DetectorSpec) -> int | None:
     )
 
 
+def _quiet_transformers() -> None:
+    """No "Loading weights" progress bar: one per actor only clutters the console."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def build_detector(spec: DetectorSpec):
     """The detector a spec names; kept here so the pipeline and the benchmark build it the same way.
 
@@ -117,8 +124,20 @@ def build_detector(spec: DetectorSpec):
     """
     num_threads = spec_num_threads(spec)
     if spec.detector == "hf":
+        if (spec.onnx_runtime and spec.device == "cpu" and not spec.compile and spec.geometry is not None
+                and spec.dtype in ("auto", "float32", "fp32")):
+            # An export made and checked by an earlier run: no torch or transformers to load (seconds).
+            from platescope.detectors.onnx_detector import OnnxDetector
+
+            detector = OnnxDetector.from_cache(
+                spec.model, threshold=spec.threshold, s3=spec.s3, allow_unsafe_weights=spec.allow_unsafe_weights,
+                trust_remote_code=spec.trust_remote_code, num_threads=num_threads, nms_iou=spec.nms_iou,
+                slice_batches=spec.slice_batches)
+            if detector is not None:
+                return detector
         from platescope.detectors.hf import HFDetector
 
+        _quiet_transformers()
         return HFDetector(spec.model, threshold=spec.threshold, device=spec.device, dtype=spec.dtype,
                           trust_remote_code=spec.trust_remote_code, allow_unsafe_weights=spec.allow_unsafe_weights,
                           s3=spec.s3, num_threads=num_threads, compile=spec.compile, nms_iou=spec.nms_iou,
@@ -126,6 +145,7 @@ def build_detector(spec: DetectorSpec):
     if spec.detector == "florence2":
         from platescope.detectors.florence2 import Florence2Detector
 
+        _quiet_transformers()
         return Florence2Detector(
             spec.model, prompt=spec.prompt, adapter=spec.adapter, threshold=spec.threshold, device=spec.device,
             s3=spec.s3, num_threads=num_threads, max_new_tokens=spec.max_new_tokens,
@@ -136,9 +156,6 @@ def build_detector(spec: DetectorSpec):
 
 class DetectorActor:
     def __init__(self, spec: DetectorSpec):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor only clutters the console
         self.detector = build_detector(spec)
         self.prompt = spec.prompt
         # The geometry the decode tasks resized with: it must be what this model's processor does,
@@ -147,10 +164,8 @@ class DetectorActor:
         if self.geometry is not None and self.geometry != getattr(self.detector, "geometry", None):
             raise RuntimeError(f"model {spec.model}: its image processor does not match the input geometry "
                                f"the decode tasks used ({self.geometry!r}); was the model dir changed mid-run?")
-        import torch
-
-        log.info("detector ready in pid %s: %s (%d torch threads; model in %s)", os.getpid(),
-                 self.detector.model_id, torch.get_num_threads(), getattr(self.detector, "runtime", "torch"))
+        log.info("detector ready in pid %s: %s (%s threads; model in %s)", os.getpid(), self.detector.model_id,
+                 getattr(self.detector, "num_threads", None) or "default", getattr(self.detector, "runtime", "torch"))
 
     def _detect(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Detections]:
         if self.geometry is None:
