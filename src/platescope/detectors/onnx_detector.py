@@ -1,6 +1,6 @@
 """An HF detector run from its checked ONNX export alone: neither torch nor transformers is imported.
 
-Importing torch and transformers and building the model cost a detector process about 8 s on a
+Importing torch and transformers and building the model cost a detector process 5-8 s on a
 2-core machine before its first batch, longer than the default model then takes for a hundred images.
 Once an HFDetector has exported a model for its input shape and checked the graph against PyTorch
 (detectors.onnx_runtime), everything else a detector does on CPU is plain arithmetic: the decode tasks
