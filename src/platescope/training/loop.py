@@ -12,6 +12,7 @@ A restarted worker (FailureConfig) or a rerun of the same name gets the last che
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -21,6 +22,10 @@ from typing import Any
 import numpy as np
 
 TRAIN_STATE = "train_state.pt"
+
+# Ray Train turns a worker's print into a log record and, because Ray wraps the worker's stdout, also
+# echoes it: every progress line came out twice. A log record comes out once.
+log = logging.getLogger(__name__)
 
 
 def recipe_for(cfg):
@@ -183,9 +188,9 @@ def _report(train, metrics, state, rank, recipe, model, processor, optimizer, sc
     if rank != 0:
         train.report(metrics)
         return
-    print("epoch {epoch} step {step}: loss {loss:.4f}".format(**metrics)
-          + (f", map {metrics['map']:.4f}, map_50 {metrics['map_50']:.4f}" if "map" in metrics else "")
-          + f", {metrics['images_per_s']:.1f} images/s", flush=True)
+    log.info("epoch {epoch} step {step}: loss {loss:.4f}".format(**metrics)
+             + (f", map {metrics['map']:.4f}, map_50 {metrics['map_50']:.4f}" if "map" in metrics else "")
+             + f", {metrics['images_per_s']:.1f} images/s")
     storage.write_bytes_atomic(storage.join(cfg.storage, cfg.name, "metrics.json"),
                                json.dumps(state["history"], indent=2).encode(), s3)
     with tempfile.TemporaryDirectory(prefix="platescope-ckpt-") as tmp:
