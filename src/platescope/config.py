@@ -453,6 +453,9 @@ class TrainConfig(_Strict):
     augment_recipe: Literal["basic", "cameras"] = Field(
         "cameras", description="cameras: scale/translation jitter, blur, JPEG quality, noise, greyscale and dark "
         "exposures for unseen cameras, on top of basic; basic: flips, mild perspective and colour")
+    aspect_jitter: float = Field(
+        0.0, ge=0, le=3, description="stretch or squeeze each training image's width by up to 1 + this factor "
+        "(0: off), so plates of other shapes than the training set's are seen")
     input_height: int | None = Field(
         None, ge=32, description="hf: train (and export) at this input height; with input_width (default: the "
         "model's or preset's own)")
@@ -487,6 +490,12 @@ class TrainConfig(_Strict):
                      if getattr(self, name) != unset]
             if given:
                 raise ValueError(f"{', '.join(given)}: only for detector florence2")
+        return self
+
+    @model_validator(mode="after")
+    def _aspect_jitter_is_augmentation(self) -> TrainConfig:
+        if self.aspect_jitter and not self.augment:
+            raise ValueError("aspect_jitter: it is an augmentation, and augment is false")
         return self
 
     @model_validator(mode="after")

@@ -97,9 +97,9 @@ def test_the_augmentation_is_built_once_per_recipe_and_box_size(monkeypatch):
     built = []
     real = data.augmentation
 
-    def counting(min_box_size, seed=None, recipe="cameras"):
-        built.append((recipe, min_box_size))
-        return real(min_box_size, seed, recipe)
+    def counting(min_box_size, seed=None, recipe="cameras", aspect_jitter=0.0):
+        built.append((recipe, min_box_size, aspect_jitter))
+        return real(min_box_size, seed, recipe, aspect_jitter)
 
     monkeypatch.setattr(data, "augmentation", counting)
     monkeypatch.setattr(data, "_TRANSFORMS", {})
@@ -108,10 +108,12 @@ def test_the_augmentation_is_built_once_per_recipe_and_box_size(monkeypatch):
         data.augment_batch(batch, seed=0, epoch=epoch, min_box_size=2.0)
     data.augment_batch(batch, seed=0, epoch=0, min_box_size=4.0)
     data.augment_batch(batch, seed=0, epoch=0, min_box_size=2.0, recipe="basic")
-    # 3 epochs x 6 images at 2 px, 6 at 4 px, 6 with the basic recipe: one Compose each
-    assert built == [("cameras", 2.0), ("cameras", 4.0), ("basic", 2.0)]
-    assert data.transform_for(2.0) is data.transform_for(2.0) is data._TRANSFORMS[("cameras", 2.0)]
-    assert set(data._TRANSFORMS) == {("cameras", 2.0), ("cameras", 4.0), ("basic", 2.0)}
+    data.augment_batch(batch, seed=0, epoch=1, min_box_size=2.0, recipe="basic", aspect_jitter=0.5)
+    # 3 epochs x 6 images at 2 px, 6 at 4 px, 6 with the basic recipe, 6 jittered: one Compose each
+    keys = [("cameras", 2.0, 0.0), ("cameras", 4.0, 0.0), ("basic", 2.0, 0.0), ("basic", 2.0, 0.5)]
+    assert built == keys
+    assert data.transform_for(2.0) is data.transform_for(2.0) is data._TRANSFORMS[("cameras", 2.0, 0.0)]
+    assert set(data._TRANSFORMS) == set(keys)
 
 
 def test_the_cameras_recipe_moves_scales_and_darkens_where_basic_does_not():
@@ -130,6 +132,30 @@ def test_the_cameras_recipe_moves_scales_and_darkens_where_basic_does_not():
     original = {int(round(w)) for b in batch["boxes"] for w in np.asarray(b, np.float32).reshape(-1, 4)[:, 2]}
     assert len(widths["cameras"] - original) > len(widths["basic"] - original) + 5
     assert darkest["cameras"] < darkest["basic"] - 0.15, darkest
+
+
+def test_aspect_jitter_stretches_and_squeezes_the_width_and_the_boxes_with_it():
+    """Each image's width changes by up to 1 + a either way, its height does not, and each box's
+    width follows its image's; a batch of same-sized images comes back as separate arrays."""
+    batch = scenes_batch()
+    widths, ratios = [], []
+    for epoch in range(10):
+        out = data.augment_batch(batch, seed=3, epoch=epoch, min_box_size=2.0, recipe="basic", aspect_jitter=1.0)
+        assert out["image"].dtype == object
+        for image, boxes in zip(out["image"], out["boxes"]):
+            boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+            assert 240 <= image.shape[0] <= 242
+            assert 160 - 2 <= image.shape[1] <= 640 + 2
+            if len(boxes):
+                stretch = image.shape[1] / 320
+                widths.append(stretch)
+                ratios.append(boxes[0, 2] / 80.0 / stretch)
+    widths = np.array(widths)
+    assert widths.min() < 0.75 and widths.max() > 1.5  # both ways, and far
+    # Box width over image width is kept, but for the basic recipe's own perspective warp (p=0.3).
+    assert abs(np.median(ratios) - 1.0) < 0.05
+    unjittered = data.augment_batch(batch, seed=3, epoch=0, min_box_size=2.0, recipe="basic")
+    assert unjittered["image"].shape == batch["image"].shape
 
 
 def test_an_unknown_recipe_is_refused_by_name():
@@ -191,6 +217,8 @@ def test_an_augmented_batch_feeds_the_processor(coco_dir):
     out = data.augment_batch(batch, seed=0, epoch=0, min_box_size=2.0)
     images, annotations = data.processor_inputs(out)
     assert [im.shape for im in images] == [(240, 320, 3)] * len(rows)
+    jittered = data.augment_batch(batch, seed=0, epoch=0, min_box_size=2.0, aspect_jitter=1.0)
+    assert {im.shape[1] for im in data.processor_inputs(jittered)[0]} != {320}
     assert [a["image_id"] for a in annotations] == [r["image_id"] for r in records]
     for ann, boxes, labels in zip(annotations, out["boxes"], out["labels"]):
         assert [a["category_id"] for a in ann["annotations"]] == list(labels)

@@ -60,7 +60,8 @@ def read_coco_set(uri: str, s3: S3Options | None, id2label: dict[int, str] | Non
 AUGMENT_RECIPES = ("basic", "cameras")
 
 
-def augmentation(min_box_size: float, seed: int | None = None, recipe: str = "cameras"):
+def augmentation(min_box_size: float, seed: int | None = None, recipe: str = "cameras",
+                 aspect_jitter: float = 0.0):
     """An albumentations Compose; boxes are clipped to the image and boxes left thinner than
     min_box_size are dropped. `seed` seeds its random draws (`augment` reseeds per image).
 
@@ -68,7 +69,11 @@ def augmentation(min_box_size: float, seed: int | None = None, recipe: str = "ca
     first default model was trained with).
     cameras: aimed at cameras the training set never saw. Scale and translation jitter (plates from
     half to 1.3x their size, anywhere in the frame), blur (motion, focus), JPEG re-compression,
-    sensor noise, greyscale, and dark or flat exposures like night footage, on top of basic."""
+    sensor noise, greyscale, and dark or flat exposures like night footage, on top of basic.
+
+    aspect_jitter a (either recipe): first stretch or squeeze the whole image's width, by a factor
+    between 1 and 1 + a or between 1 / (1 + a) and 1 (half the draws each), the canvas growing or
+    shrinking with it so nothing is cut off."""
     import albumentations as A
     import cv2
 
@@ -92,22 +97,33 @@ def augmentation(min_box_size: float, seed: int | None = None, recipe: str = "ca
         A.OneOf([A.RandomGamma(gamma_limit=(150, 300)),  # dark, as at night
                  A.RandomBrightnessContrast(brightness_limit=(-0.5, -0.2), contrast_limit=(-0.5, 0.0))], p=0.2),
     ]
+    steps = cameras if recipe == "cameras" else basic
+    if aspect_jitter > 0:
+        # Plates differ in shape (width over height) between regions and cameras, and a source whose
+        # frames all have one size shows the model only its own plates' shapes.
+        def stretch(low: float, high: float):
+            return A.Affine(scale={"x": (low, high), "y": (1.0, 1.0)}, keep_ratio=False, fit_output=True,
+                            border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0)
+        steps = [A.OneOf([stretch(1.0, 1.0 + aspect_jitter), stretch(1.0 / (1.0 + aspect_jitter), 1.0)], p=1.0),
+                 *steps]
     return A.Compose(
-        cameras if recipe == "cameras" else basic,
+        steps,
         bbox_params=A.BboxParams(format="coco", label_fields=["labels"], clip=True,
                                  min_width=min_box_size, min_height=min_box_size),
         seed=seed,
     )
 
 
-_TRANSFORMS: dict[tuple[str, float], Any] = {}  # one Compose per process, recipe and box size: not free to build
+# One Compose per process, recipe, box size and aspect jitter: not free to build.
+_TRANSFORMS: dict[tuple[str, float, float], Any] = {}
 
 
-def transform_for(min_box_size: float, recipe: str = "cameras"):
-    """This process's Compose for (`recipe`, `min_box_size`), built on first use and kept."""
-    transform = _TRANSFORMS.get((recipe, min_box_size))
+def transform_for(min_box_size: float, recipe: str = "cameras", aspect_jitter: float = 0.0):
+    """This process's Compose for (`recipe`, `min_box_size`, `aspect_jitter`), built on first use and kept."""
+    key = (recipe, min_box_size, aspect_jitter)
+    transform = _TRANSFORMS.get(key)
     if transform is None:
-        transform = _TRANSFORMS[(recipe, min_box_size)] = augmentation(min_box_size, recipe=recipe)
+        transform = _TRANSFORMS[key] = augmentation(min_box_size, recipe=recipe, aspect_jitter=aspect_jitter)
     return transform
 
 
@@ -118,9 +134,10 @@ def augment_seed(seed: int, epoch: int, image_id: int) -> int:
 
 
 def augment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, seed: int, epoch: int, image_id: int,
-            min_box_size: float, recipe: str = "cameras") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            min_box_size: float, recipe: str = "cameras",
+            aspect_jitter: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image and its COCO xywh boxes and labels, augmented as (seed, epoch, image_id) draws."""
-    transform = transform_for(min_box_size, recipe)
+    transform = transform_for(min_box_size, recipe, aspect_jitter)
     transform.set_random_seed(augment_seed(seed, epoch, image_id))
     out = transform(image=np.asarray(image), bboxes=np.asarray(boxes, np.float32).reshape(-1, 4),
                     labels=np.asarray(labels, np.int64).reshape(-1))
@@ -129,17 +146,19 @@ def augment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, seed: i
 
 
 def augment_batch(batch: dict[str, np.ndarray], *, seed: int, epoch: int,
-                  min_box_size: float, recipe: str = "cameras") -> dict[str, np.ndarray]:
+                  min_box_size: float, recipe: str = "cameras", aspect_jitter: float = 0.0) -> dict[str, np.ndarray]:
     """A Ray Data numpy batch (as `dataset` yields) with every image augmented (see the module doc);
     boxes and labels come back one array per image, as augmentation may drop some."""
     images, boxes, labels = [], [], []
     for image, b, lab, image_id in zip(batch["image"], batch["boxes"], batch["labels"], batch["image_id"]):
         image, b, lab = augment(image, b, lab, seed=seed, epoch=epoch, image_id=int(image_id),
-                                min_box_size=min_box_size, recipe=recipe)
+                                min_box_size=min_box_size, recipe=recipe, aspect_jitter=aspect_jitter)
         images.append(image)
         boxes.append(b.reshape(-1))
         labels.append(lab)
-    stacked = isinstance(batch["image"], np.ndarray) and batch["image"].dtype != object
+    # One array when the images came as one and still share a shape (aspect jitter changes widths).
+    stacked = (isinstance(batch["image"], np.ndarray) and batch["image"].dtype != object
+               and len({image.shape for image in images}) == 1)
     return {**batch, "image": np.stack(images) if stacked else _objects(images), "boxes": _objects(boxes),
             "labels": _objects(labels)}
 
