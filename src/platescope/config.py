@@ -454,8 +454,8 @@ class TrainConfig(_Strict):
         "cameras", description="cameras: scale/translation jitter, blur, JPEG quality, noise, greyscale and dark "
         "exposures for unseen cameras, on top of basic; basic: flips, mild perspective and colour")
     aspect_jitter: float = Field(
-        0.0, ge=0, le=3, description="stretch or squeeze each training image's width by up to 1 + this factor "
-        "(0: off), so plates of other shapes than the training set's are seen")
+        0.0, ge=0, le=3, description="stretch or squeeze each training image's width by up to 1 + this "
+        "factor (0: off), so plates of other shapes than the training set's are seen")
     input_height: int | None = Field(
         None, ge=32, description="hf: train (and export) at this input height; with input_width (default: the "
         "model's or preset's own)")

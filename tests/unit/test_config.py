@@ -159,8 +159,9 @@ def test_aspect_jitter_is_refused_without_augmentation_or_below_zero():
     from platescope.config import TrainConfig
 
     assert build_config(TrainConfig, overrides=[*TRAIN, "preset=p", "aspect_jitter=0.5"]).aspect_jitter == 0.5
-    for overrides, message in [(["aspect_jitter=0.5", "augment=false"], "aspect_jitter: it is an augmentation"),
-                               (["aspect_jitter=-0.5"], "aspect_jitter: Input should be greater than or equal")]:
+    cases = [(["aspect_jitter=0.5", "augment=false"], "aspect_jitter: it is an augmentation"),
+             (["aspect_jitter=-0.5"], "aspect_jitter: Input should be greater than or equal")]
+    for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             build_config(TrainConfig, overrides=[*TRAIN, "preset=p", *overrides])
 

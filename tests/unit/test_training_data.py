@@ -140,7 +140,8 @@ def test_aspect_jitter_stretches_and_squeezes_the_width_and_the_boxes_with_it():
     batch = scenes_batch()
     widths, ratios = [], []
     for epoch in range(10):
-        out = data.augment_batch(batch, seed=3, epoch=epoch, min_box_size=2.0, recipe="basic", aspect_jitter=1.0)
+        out = data.augment_batch(batch, seed=3, epoch=epoch, min_box_size=2.0, recipe="basic",
+                                 aspect_jitter=1.0)
         assert out["image"].dtype == object
         for image, boxes in zip(out["image"], out["boxes"]):
             boxes = np.asarray(boxes, np.float32).reshape(-1, 4)

@@ -104,8 +104,8 @@ def augmentation(min_box_size: float, seed: int | None = None, recipe: str = "ca
         def stretch(low: float, high: float):
             return A.Affine(scale={"x": (low, high), "y": (1.0, 1.0)}, keep_ratio=False, fit_output=True,
                             border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0)
-        steps = [A.OneOf([stretch(1.0, 1.0 + aspect_jitter), stretch(1.0 / (1.0 + aspect_jitter), 1.0)], p=1.0),
-                 *steps]
+        wider, narrower = stretch(1.0, 1.0 + aspect_jitter), stretch(1.0 / (1.0 + aspect_jitter), 1.0)
+        steps = [A.OneOf([wider, narrower], p=1.0), *steps]
     return A.Compose(
         steps,
         bbox_params=A.BboxParams(format="coco", label_fields=["labels"], clip=True,
@@ -145,8 +145,8 @@ def augment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, seed: i
             np.asarray(out["labels"], np.int64).reshape(-1))
 
 
-def augment_batch(batch: dict[str, np.ndarray], *, seed: int, epoch: int,
-                  min_box_size: float, recipe: str = "cameras", aspect_jitter: float = 0.0) -> dict[str, np.ndarray]:
+def augment_batch(batch: dict[str, np.ndarray], *, seed: int, epoch: int, min_box_size: float,
+                  recipe: str = "cameras", aspect_jitter: float = 0.0) -> dict[str, np.ndarray]:
     """A Ray Data numpy batch (as `dataset` yields) with every image augmented (see the module doc);
     boxes and labels come back one array per image, as augmentation may drop some."""
     images, boxes, labels = [], [], []
