@@ -54,12 +54,14 @@ class DetectionsTable:
         for file in self.files:
             try:
                 with storage.open_read(file, self.s3) as f:
-                    parquet = pq.ParquetFile(f)
+                    # On this thread only: see platescope.parquet_read for why (an abort at exit).
+                    parquet = pq.ParquetFile(f, pre_buffer=False)
                     missing = [c for c in (columns or COLUMNS) if c not in parquet.schema_arrow.names]
                     if missing:
                         raise DetectionsError(f"detections {file}: not a detections table (no column "
                                               f"{', '.join(missing)})")
-                    yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns or COLUMNS)
+                    yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns or COLUMNS,
+                                                    use_threads=False)
             except DetectionsError:
                 raise
             except (OSError, pa.ArrowInvalid) as e:

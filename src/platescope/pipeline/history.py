@@ -6,9 +6,9 @@ import json
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from platescope import storage
+from platescope.parquet_read import read_parquet
 from platescope.pipeline.summary import SUMMARY_FILE
 from platescope.sources.manifest import MANIFEST_FILE, done_shard_ids
 from platescope.storage import S3Options
@@ -35,7 +35,7 @@ def finished_inputs(output_root: str, current_run_id: str, s3: S3Options | None,
             continue
         try:  # one request per earlier run, not an existence check and then the read
             with storage.open_read(storage.join(run_dir, MANIFEST_FILE), s3) as f:
-                table = pq.read_table(f, columns=["uri", "version", "shard"])
+                table = read_parquet(f, columns=["uri", "version", "shard"])
         except (FileNotFoundError, NotADirectoryError):
             continue  # a stray file or folder beside the runs, or a run that died before listing
         table = table.filter(pc.is_in(table["uri"], value_set=wanted))

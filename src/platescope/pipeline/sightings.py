@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from platescope import storage
 from platescope.config import DetectConfig, TrackOptions
+from platescope.parquet_read import read_parquet
 from platescope.pipeline.errors import StorageFailure, find, storage_step
 from platescope.pipeline.sink import DATA_DIR
 from platescope.sources.manifest import Manifest, is_video_shard, open_uri, video_id
@@ -88,7 +89,7 @@ def make_video_tracks(job: VideoTracksJob, s3: S3Options | None) -> int:
     parts = []
     for shard in job.shards:
         data = storage.read_bytes(storage.join(job.run_dir, DATA_DIR, f"part-{shard}.parquet"), s3)
-        parts.append(pq.read_table(io.BytesIO(data), columns=ROW_COLUMNS))
+        parts.append(read_parquet(data, columns=ROW_COLUMNS))
     rows = pa.concat_tables(parts).to_pylist() if parts else []
     tracks = link_tracks(rows, job.tracker, job.video_fps)
     crop_uris = None

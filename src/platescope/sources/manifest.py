@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from platescope import storage
+from platescope.parquet_read import read_parquet
 from platescope.sources import media_kind
 from platescope.storage import S3Options
 
@@ -125,7 +126,7 @@ class Manifest:
 
     @classmethod
     def from_parquet_bytes(cls, data: bytes) -> Manifest:
-        table = pq.read_table(io.BytesIO(data))
+        table = read_parquet(data)
         meta = table.schema.metadata or {}
         for name in ("start_s", "end_s"):  # a manifest from before segments: its videos are whole
             if name not in table.schema.names:
