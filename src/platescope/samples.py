@@ -16,6 +16,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -25,10 +26,14 @@ _CHARS = list(string.ascii_uppercase + string.digits)
 
 
 def make_scene(
-    rng: np.random.Generator, width: int = 640, height: int = 480, num_plates: tuple[int, int] = (1, 3)
+    rng: np.random.Generator, width: int = 640, height: int = 480, num_plates: tuple[int, int] = (1, 3), *,
+    plate_width: tuple[float, float] = (0.12, 0.3), plate_aspect: tuple[float, float] = (2.5, 4.5),
+    min_plate: tuple[int, int] = (40, 12),
 ) -> tuple[np.ndarray, list[list[float]], list[str]]:
     """An RGB scene with between num_plates[0] and num_plates[1] (inclusive) non-overlapping plates.
 
+    Each plate is `plate_width` (a range, as a fraction of the scene's width) wide and `plate_aspect`
+    (width over height) in shape, both drawn uniformly, and at least `min_plate` (width, height) pixels.
     Boxes are [x_min, y_min, x_max, y_max] in pixel-edge coordinates (x_max is one past the last
     plate column), the convention the detections table uses. On a small canvas fewer plates than
     asked for may fit; the boxes returned are always the plates actually drawn.
@@ -40,8 +45,8 @@ def make_scene(
     for _ in range(wanted * 20):  # rejection sampling; plenty of tries for the sizes used here
         if len(boxes) == wanted:
             break
-        plate_w = int(np.clip(rng.uniform(0.12, 0.3) * width, 40, width - 4))
-        plate_h = int(np.clip(plate_w / rng.uniform(2.5, 4.5), 12, height - 4))
+        plate_w = int(np.clip(rng.uniform(*plate_width) * width, min_plate[0], width - 4))
+        plate_h = int(np.clip(plate_w / rng.uniform(*plate_aspect), min_plate[1], height - 4))
         x0 = int(rng.integers(0, width - plate_w + 1))
         y0 = int(rng.integers(0, height - plate_h + 1))
         box = [float(x0), float(y0), float(x0 + plate_w), float(y0 + plate_h)]
@@ -53,18 +58,23 @@ def make_scene(
 
 
 def write_image_dataset(
-    folder: str | Path, num_images: int, seed: int = 0, size: tuple[int, int] = (640, 480)
+    folder: str | Path, num_images: int, seed: int = 0, size: tuple[int, int] = (640, 480), *,
+    sizes: list[tuple[int, int]] | None = None, **scene: Any,
 ) -> Path:
-    """JPEG scenes plus their COCO ground truth (`annotations.json`, returned) in `folder`."""
+    """JPEG scenes plus their COCO ground truth (`annotations.json`, returned) in `folder`.
+
+    Every scene is `size`, or with `sizes` one of those, drawn at random per scene; `scene` holds
+    further options of `make_scene` (plate count, width, shape)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
-        pixels, boxes, _ = make_scene(rng, width=size[0], height=size[1])
+        width, height = sizes[int(rng.integers(len(sizes)))] if sizes else size
+        pixels, boxes, _ = make_scene(rng, width=width, height=height, **scene)
         file_name = f"scene_{image_id:05d}.jpg"
         Image.fromarray(pixels).save(folder / file_name, quality=90)
-        images.append({"id": image_id, "file_name": file_name, "width": size[0], "height": size[1]})
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for x0, y0, x1, y1 in boxes:
             annotations.append(
                 {

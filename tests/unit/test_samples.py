@@ -34,6 +34,34 @@ def test_make_scene_boxes_are_inside_and_disjoint(seed):
             assert x1 <= other[0] or other[2] <= x0 or y1 <= other[1] or other[3] <= y0
 
 
+def test_make_scene_plate_width_and_shape_follow_the_asked_ranges():
+    widths, shapes = [], []
+    for seed in range(12):
+        image, boxes, _ = samples.make_scene(np.random.default_rng(seed), width=1280, height=720,
+                                             plate_width=(0.04, 0.06), plate_aspect=(1.2, 1.5), min_plate=(16, 7))
+        for x0, y0, x1, y1 in boxes:
+            widths.append((x1 - x0) / 1280)
+            shapes.append((x1 - x0) / (y1 - y0))
+            assert image[int(y0), int(x0)].max() < 60  # the plate is drawn where its box says
+    assert widths and all(0.039 <= w <= 0.061 for w in widths)
+    assert all(1.15 <= a <= 1.55 for a in shapes)  # whole pixels round the drawn shape a little
+
+
+def test_image_dataset_draws_each_scene_at_one_of_the_given_sizes(tmp_path):
+    sizes = [(400, 300), (256, 144)]
+    path = samples.write_image_dataset(tmp_path / "set", 12, seed=1, sizes=sizes, plate_width=(0.1, 0.2))
+    coco = json.loads(path.read_text())
+    assert {(im["width"], im["height"]) for im in coco["images"]} == set(sizes)
+    by_id = {im["id"]: im for im in coco["images"]}
+    for im in coco["images"]:
+        assert Image.open(tmp_path / "set" / im["file_name"]).size == (im["width"], im["height"])
+    for ann in coco["annotations"]:
+        x, y, w, h = ann["bbox"]
+        width = by_id[ann["image_id"]]["width"]
+        assert x + w <= width and y + h <= by_id[ann["image_id"]]["height"]
+        assert 0.1 * width - 1 <= w <= max(0.2 * width, 40) + 1  # the default minimum: 40 px
+
+
 def test_make_scene_plate_count_range():
     counts = {len(samples.make_scene(np.random.default_rng(s), num_plates=(1, 3))[1]) for s in range(20)}
     assert counts <= {1, 2, 3} and len(counts) > 1
@@ -93,3 +121,21 @@ def test_bad_inputs_cover_every_case(tmp_path):
     assert (tmp_path / cases["empty_file"]).stat().st_size == 0
     assert (tmp_path / cases["oversized_image"]).stat().st_size < 100_000  # tiny file, huge image
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cases.values())  # no scratch left
+
+
+def test_pretraining_set_script_writes_a_set_train_can_read(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from platescope.training.data import read_coco_set
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_pretraining_set.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "synthetic"), "--images", "6"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    labelled = read_coco_set(done.stdout.strip(), None)
+    assert len(labelled.records) == 6 and sum(len(r["boxes"]) for r in labelled.records) >= 6
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "none"), "--images", "0"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "--images 0" in bad.stderr
