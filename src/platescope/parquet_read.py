@@ -18,7 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def open_parquet(source: BinaryIO | bytes) -> pq.ParquetFile:
+    """A reader of `source` (a seekable binary file object, or the file's bytes) that reads nothing
+    ahead; pass `use_threads=False` to what reads from it (`read`, `iter_batches`)."""
+    return pq.ParquetFile(io.BytesIO(source) if isinstance(source, bytes) else source, pre_buffer=False)
+
+
 def read_parquet(source: BinaryIO | bytes, columns: list[str] | None = None) -> pa.Table:
     """The table in `source` (a seekable binary file object, or the file's bytes); `columns` only if given."""
-    reader = pq.ParquetFile(io.BytesIO(source) if isinstance(source, bytes) else source, pre_buffer=False)
-    return reader.read(columns=columns, use_threads=False)
+    return open_parquet(source).read(columns=columns, use_threads=False)

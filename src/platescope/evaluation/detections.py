@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from platescope import storage
+from platescope.parquet_read import open_parquet
 from platescope.storage import S3Options
 
 COLUMNS = ["source_uri", "frame_index", "width", "height", "boxes", "scores", "labels", "error"]
@@ -54,8 +54,7 @@ class DetectionsTable:
         for file in self.files:
             try:
                 with storage.open_read(file, self.s3) as f:
-                    # On this thread only: see platescope.parquet_read for why (an abort at exit).
-                    parquet = pq.ParquetFile(f, pre_buffer=False)
+                    parquet = open_parquet(f)  # read on this thread only: see platescope.parquet_read
                     missing = [c for c in (columns or COLUMNS) if c not in parquet.schema_arrow.names]
                     if missing:
                         raise DetectionsError(f"detections {file}: not a detections table (no column "
