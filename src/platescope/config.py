@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from platescope.models import default_model_dir
+from platescope.models import DEFAULT_MODEL_NMS, default_model_dir
 from platescope.storage import S3Options
 
 
@@ -373,7 +373,11 @@ class DetectConfig(_Strict):
         "(hf detectors)")
     nms_iou: float | None = Field(
         None, gt=0.0, le=1.0, description="class-wise non-maximum suppression of boxes overlapping a higher-scored "
-        "box of the same label above this IoU (hf detectors; DETR-family models trained briefly give near-duplicates)")
+        "box of the same label above this IoU (hf detectors; DETR-family models trained briefly give near-duplicates); "
+        "default off, for the bundled model 0.4 with nms_merge unless either is given")
+    nms_merge: bool = Field(
+        False, description="with nms_iou: merging NMS, each kept box moved to the score-weighted mean of itself and "
+        "the boxes it suppresses, those under the threshold included (tighter boxes: see README)")
     track: bool = Field(
         False, description="link each video's detections across its sampled frames into tracks, one row per "
         "plate sighting in <run>/tracks/part-<video>.parquet, made once all the video's shards are done")
@@ -386,6 +390,16 @@ class DetectConfig(_Strict):
     evaluate: EvaluationOptions | None = Field(
         None, description="score the run against ground truth when it ends (report in <run>/evaluation/)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bundled_model_merges_duplicates(cls, data: Any) -> Any:
+        """The bundled model runs with its merging NMS unless nms_iou or nms_merge is given
+        (`nms_merge=false` alone turns it off)."""
+        if (isinstance(data, dict) and not {"nms_iou", "nms_merge"} & data.keys()
+                and data.get("detector", "hf") == "hf" and data.get("model", default_model_dir()) == default_model_dir()):
+            data = {**data, **DEFAULT_MODEL_NMS}
+        return data
+
     @model_validator(mode="after")
     def _prompt_fits_the_detector(self) -> DetectConfig:
         if self.detector == "florence2":
@@ -396,6 +410,8 @@ class DetectConfig(_Strict):
             raise ValueError("compile: only hf detectors are compiled (florence2 generates token by token)")
         if self.nms_iou is not None and self.detector != "hf":
             raise ValueError("nms_iou: only hf detectors' boxes are suppressed (florence2's boxes have no scores)")
+        if self.nms_merge and self.nms_iou is None:
+            raise ValueError("nms_merge: merges the boxes NMS suppresses; set nms_iou as well")
         return self
 
     @model_validator(mode="after")

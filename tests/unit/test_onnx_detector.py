@@ -75,6 +75,11 @@ def test_a_cached_export_runs_without_torch_with_the_exporter_s_boxes(tiny_rtdet
         same_detections(found, expected, box_atol=1e-3, score_atol=1e-6)
         assert lean.clock.take()["model"] > 0  # the pipeline's CPU figures count it
 
+    merging = HFDetector(tiny_rtdetr_dir, threshold=0.0, device="cpu", num_threads=1, nms_iou=0.5, nms_merge=True)
+    lean = OnnxDetector.from_cache(tiny_rtdetr_dir, threshold=0.0, num_threads=2, nms_iou=0.5, nms_merge=True)
+    same_detections(lean.detect_resized(images, sizes), merging.detect_resized(images, sizes),
+                    box_atol=1e-3, score_atol=1e-6)
+
 
 def test_every_known_family_from_its_export_matches_its_pytorch_boxes(tmp_path, home, same_detections,
                                                                     conditional_detr_builder):

@@ -28,7 +28,7 @@ from platescope.cputime import PhaseClock
 from platescope.detectors.fold import fold_conv_norms
 from platescope.detectors.geometry import geometry_from_config, to_pixel_values
 from platescope.detectors.loading import resolve_model
-from platescope.detectors.postprocess import box_frames, finish
+from platescope.detectors.postprocess import box_frames, candidate_threshold, finish
 from platescope.detectors.slices import resized_groups, run_slices, slice_indices
 from platescope.schema import Detections
 from platescope.storage import S3Options
@@ -53,6 +53,7 @@ class HFDetector:
         cache_dir: str | None = None,
         compile: bool = False,
         nms_iou: float | None = None,
+        nms_merge: bool = False,
         slice_batches: bool = True,
         onnx_runtime: bool = True,
     ) -> None:
@@ -63,8 +64,10 @@ class HFDetector:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.threshold = float(threshold)
-        # Class-wise NMS after post-processing (None: off), for models that give near-duplicate boxes.
+        # Class-wise NMS after post-processing (None: off), for models that give near-duplicate boxes;
+        # merging: each kept box the score-weighted mean of those it suppresses.
         self.nms_iou = None if nms_iou is None else float(nms_iou)
+        self.nms_merge = bool(nms_merge)
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else "cpu" if device == "auto" else device)
         # Weights stay float32; half precision is autocast on GPU, which keeps softmax, norms and box
@@ -240,8 +243,9 @@ class HFDetector:
                 outputs.pred_boxes = outputs.pred_boxes.float().cpu()
             with self.clock.phase("postprocess"):
                 results = self.processor.post_process_object_detection(
-                    outputs, threshold=self.threshold, target_sizes=frames)
+                    outputs, threshold=candidate_threshold(self.threshold, self.nms_merge), target_sizes=frames)
                 detections = [finish(r["boxes"].numpy(), r["scores"].numpy(), r["labels"].numpy(), image_size=size,
-                                     padded=padded, nms_iou=self.nms_iou, id2label=self._id2label)
+                                     padded=padded, threshold=self.threshold, nms_iou=self.nms_iou,
+                                     nms_merge=self.nms_merge, id2label=self._id2label)
                               for r, size in zip(results, image_sizes)]
         return detections

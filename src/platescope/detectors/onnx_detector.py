@@ -28,7 +28,7 @@ from platescope.cputime import PhaseClock
 from platescope.detectors.geometry import PREPROCESSOR_CONFIG, InputGeometry, geometry_from_config, pixel_arrays
 from platescope.detectors.loading import resolve_local_model
 from platescope.detectors.onnx_runtime import export_path, failed_marker, load_session, model_dir_identity
-from platescope.detectors.postprocess import RECIPES, box_frames, finish, post_process
+from platescope.detectors.postprocess import RECIPES, box_frames, candidate_threshold, finish, post_process
 from platescope.detectors.slices import resized_groups, run_slices, slice_indices
 from platescope.schema import Detections
 from platescope.storage import S3Options
@@ -43,11 +43,12 @@ class OnnxDetector:
 
     def __init__(self, *, model_id: str, session: Any, geometry: InputGeometry, recipe: tuple[str, int | None],
                  id2label: dict[int, str], threshold: float, nms_iou: float | None, num_threads: int | None,
-                 slices: int) -> None:
+                 slices: int, nms_merge: bool = False) -> None:
         self.model_id = model_id
         self.geometry = geometry
         self.threshold = float(threshold)
         self.nms_iou = None if nms_iou is None else float(nms_iou)
+        self.nms_merge = bool(nms_merge)
         self.num_threads = num_threads
         self.slices = slices
         self.clock = PhaseClock()
@@ -61,7 +62,7 @@ class OnnxDetector:
     def from_cache(cls, model: str, *, threshold: float = 0.3, s3: S3Options | None = None,
                    allow_unsafe_weights: bool = False, trust_remote_code: bool = False,
                    num_threads: int | None = None, nms_iou: float | None = None,
-                   slice_batches: bool = True) -> OnnxDetector | None:
+                   nms_merge: bool = False, slice_batches: bool = True) -> OnnxDetector | None:
         """The detector for a local or s3:// model dir whose export for its one input shape is cached and
         whose processor's post-processing is written out here; None otherwise (the reason logged)."""
         weights = resolve_local_model(model, s3=s3, allow_unsafe_weights=allow_unsafe_weights,
@@ -94,7 +95,7 @@ class OnnxDetector:
             return _without(model, f"{path} does not load: {type(e).__name__}: {e}")
         return cls(model_id=weights.model_id, session=session, geometry=geometry, recipe=recipe,
                    id2label={int(k): str(v) for k, v in config["id2label"].items()}, threshold=threshold,
-                   nms_iou=nms_iou, num_threads=num_threads, slices=slices)
+                   nms_iou=nms_iou, nms_merge=nms_merge, num_threads=num_threads, slices=slices)
 
     def detect_resized(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> list[Detections]:
         """HFDetector.detect_resized: images at model size (`self.geometry.resize` of the originals),
@@ -120,8 +121,10 @@ class OnnxDetector:
                                               {name: arrays[name] for name in self._graph_inputs})
         with self.clock.phase("postprocess"):
             frames, padded = box_frames(image_sizes, self.geometry, arrays["pixel_values"].shape[-2:])
-            results = post_process(logits, boxes, recipe=self._recipe, threshold=self.threshold, frames=frames)
-            return [finish(b, s, lab, image_size=size, padded=padded, nms_iou=self.nms_iou, id2label=self._id2label)
+            results = post_process(logits, boxes, recipe=self._recipe, frames=frames,
+                                   threshold=candidate_threshold(self.threshold, self.nms_merge))
+            return [finish(b, s, lab, image_size=size, padded=padded, threshold=self.threshold, nms_iou=self.nms_iou,
+                           nms_merge=self.nms_merge, id2label=self._id2label)
                     for (b, s, lab), size in zip(results, image_sizes)]
 
 

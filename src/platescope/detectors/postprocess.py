@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from platescope.detectors.geometry import InputGeometry, canvas_target_sizes, clip_boxes
-from platescope.detectors.nms import class_wise_nms
+from platescope.detectors.nms import class_wise_nms, merge_duplicates
 from platescope.schema import Detections
 
 # image processor (as InputGeometry.processor names it) -> (how scores are made, how many to keep).
@@ -71,14 +71,28 @@ def post_process(logits: np.ndarray, pred_boxes: np.ndarray, *, recipe: tuple[st
     return out
 
 
+def candidate_threshold(threshold: float, nms_merge: bool) -> float:
+    """The score above which post-processing keeps a box for `finish`. Merging NMS averages a kept box
+    with every box it suppresses, including those under the threshold (most of its gain comes from them:
+    see nms), so it sees all of them; plain NMS keeps the same boxes either way, so the threshold
+    applies first."""
+    return 0.0 if nms_merge else threshold
+
+
 def finish(boxes: np.ndarray, scores: np.ndarray, label_ids: np.ndarray, *, image_size: tuple[int, int],
-           padded: bool, nms_iou: float | None, id2label: Mapping[int, str]) -> Detections:
-    """One image's post-processed boxes as Detections: clipped to the image when the batch was padded (a
-    box may reach into the padding; the image ends where it ends), then class-wise NMS if asked."""
+           padded: bool, threshold: float, nms_iou: float | None, nms_merge: bool,
+           id2label: Mapping[int, str]) -> Detections:
+    """One image's post-processed boxes (those above `candidate_threshold`) as Detections: clipped to
+    the image when the batch was padded (a box may reach into the padding; the image ends where it
+    ends), then class-wise NMS if asked (merging with `nms_merge`), then those above `threshold`."""
     if padded:
         boxes = clip_boxes(boxes, image_size)
-    if nms_iou is not None:
+    if nms_iou is not None and nms_merge:
+        boxes, scores, label_ids = merge_duplicates(boxes, scores, label_ids, nms_iou, min_score=threshold)
+    elif nms_iou is not None:
         keep = class_wise_nms(boxes, scores, label_ids, nms_iou)
         boxes, scores, label_ids = boxes[keep], scores[keep], label_ids[keep]
+    above = scores > threshold
+    boxes, scores, label_ids = boxes[above], scores[above], label_ids[above]
     return Detections(boxes=boxes, scores=scores, label_ids=label_ids,
                       labels=[id2label.get(int(i), str(int(i))) for i in label_ids])

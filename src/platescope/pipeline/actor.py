@@ -132,7 +132,7 @@ def build_detector(spec: DetectorSpec):
             detector = OnnxDetector.from_cache(
                 spec.model, threshold=spec.threshold, s3=spec.s3, allow_unsafe_weights=spec.allow_unsafe_weights,
                 trust_remote_code=spec.trust_remote_code, num_threads=num_threads, nms_iou=spec.nms_iou,
-                slice_batches=spec.slice_batches)
+                nms_merge=spec.nms_merge, slice_batches=spec.slice_batches)
             if detector is not None:
                 return detector
         from platescope.detectors.hf import HFDetector
@@ -141,7 +141,7 @@ def build_detector(spec: DetectorSpec):
         return HFDetector(spec.model, threshold=spec.threshold, device=spec.device, dtype=spec.dtype,
                           trust_remote_code=spec.trust_remote_code, allow_unsafe_weights=spec.allow_unsafe_weights,
                           s3=spec.s3, num_threads=num_threads, compile=spec.compile, nms_iou=spec.nms_iou,
-                          slice_batches=spec.slice_batches, onnx_runtime=spec.onnx_runtime)
+                          nms_merge=spec.nms_merge, slice_batches=spec.slice_batches, onnx_runtime=spec.onnx_runtime)
     if spec.detector == "florence2":
         from platescope.detectors.florence2 import Florence2Detector
 

@@ -117,6 +117,8 @@ def compute(cfg: DetectConfig) -> dict[str, Any]:
     # How small a JPEG draft may decode is platescope's rule, not a setting, but it changes the
     # pixels: a run started under another rule must not resume under this one.
     fields["jpeg_draft_slack"] = DRAFT_SLACK if cfg.jpeg_draft else None
+    # Recorded only when on, so that a run recorded before the field existed (plain NMS or none) resumes.
+    fields["nms_merge"] = True if cfg.nms_merge else None
     for field, weights_field in WEIGHTS_FIELDS.items():
         uri = getattr(cfg, field)
         fields[weights_field] = weights_id(field, uri, s3) if uri else None

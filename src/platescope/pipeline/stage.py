@@ -50,6 +50,7 @@ class DetectorSpec(BaseModel):
     max_new_tokens: int = 256
     compile: bool = False  # torch.compile the model (hf detectors)
     nms_iou: float | None = None  # class-wise NMS after post-processing (hf detectors)
+    nms_merge: bool = False  # with nms_iou: merging NMS (kept boxes averaged with those they suppress)
     slice_batches: bool = True  # on CPU, each torch thread runs its own slice of a batch (hf detectors)
     onnx_runtime: bool = True  # on CPU, the model in ONNX Runtime where it exports (hf detectors)
     # The model's input geometry when the decode tasks resize to it (None: the detector's processor
@@ -66,7 +67,7 @@ class DetectorSpec(BaseModel):
             trust_remote_code=cfg.trust_remote_code, allow_unsafe_weights=cfg.allow_unsafe_weights, s3=s3,
             num_threads=cfg.num_threads_per_actor, num_gpus=num_gpus, num_cpus_per_actor=cfg.num_cpus_per_actor,
             num_actors_max=cfg.num_actors_max, prompt=cfg.prompt, adapter=cfg.adapter,
-            max_new_tokens=cfg.max_new_tokens, compile=cfg.compile, nms_iou=cfg.nms_iou,
+            max_new_tokens=cfg.max_new_tokens, compile=cfg.compile, nms_iou=cfg.nms_iou, nms_merge=cfg.nms_merge,
             slice_batches=cfg.slice_batches, onnx_runtime=cfg.onnx_runtime,
             geometry=geometry,
         )
