@@ -79,7 +79,7 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
                    help="drop a box overlapping a higher-scored one of its label above this IoU "
                    "(default off; the bundled model: 0.4 with --nms-merge)")
     p.add_argument("--nms-merge", dest="nms_merge", action="store_true", default=None,
-                   help="with --nms-iou: move each kept box to the score-weighted mean of those it drops")
+                   help="with --nms-iou: move each kept box to the score-weighted mean of itself and those it drops")
     p.add_argument("--video-fps", dest="video_fps", type=float, help="video frames sampled per second (default 1)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="images per detector call (default 8)")
     p.add_argument("--max-error-fraction", dest="max_error_fraction", type=float,
