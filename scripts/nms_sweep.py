@@ -27,8 +27,8 @@ from platescope.evaluation.result import COCO_METRIC_NAMES
 from platescope.evaluation.run import run_evaluate
 
 
-def post_process(table: pa.Table, *, threshold: float, nms_iou: float | None, nms_merge: bool,
-                 candidates: float = 0.0) -> pa.Table:
+def rescore(table: pa.Table, *, threshold: float, nms_iou: float | None, nms_merge: bool,
+            candidates: float = 0.0) -> pa.Table:
     rows = table.to_pylist()
     for row in rows:
         if row["error"]:
@@ -69,8 +69,8 @@ def main() -> None:
             out = os.path.join(tmp, f"{nms_iou}-{merge}")  # a run folder: its config names the inputs
             os.makedirs(os.path.join(out, "data"))
             shutil.copy(os.path.join(args.run, "config.json"), out)
-            pq.write_table(post_process(table, threshold=args.threshold, nms_iou=nms_iou, nms_merge=merge,
-                                        candidates=args.candidates),
+            pq.write_table(rescore(table, threshold=args.threshold, nms_iou=nms_iou, nms_merge=merge,
+                                   candidates=args.candidates),
                            os.path.join(out, "data", "part.parquet"))
             metrics = run_evaluate(EvaluateConfig(detections=out, ground_truth=args.ground_truth)).metrics
             name = "no NMS" if nms_iou is None else f"nms_iou={nms_iou}" + (" nms_merge=true" if merge else "")

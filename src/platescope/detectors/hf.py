@@ -65,7 +65,7 @@ class HFDetector:
             torch.set_num_threads(num_threads)
         self.threshold = float(threshold)
         # Class-wise NMS after post-processing (None: off), for models that give near-duplicate boxes;
-        # merging: each kept box the score-weighted mean of those it suppresses.
+        # merging: each kept box the score-weighted mean of itself and those it suppresses.
         self.nms_iou = None if nms_iou is None else float(nms_iou)
         self.nms_merge = bool(nms_merge)
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
