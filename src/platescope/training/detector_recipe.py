@@ -13,6 +13,7 @@ import numpy as np
 
 from platescope.detectors.geometry import canvas_target_sizes, clip_boxes, geometry_from_config
 from platescope.training.data import processor_inputs
+from platescope.training.lineage import BASE_INFO_KEY, base_model_record
 
 
 def build(cfg, id2label: dict[int, str], s3, checkpoint_dir: str | None) -> tuple[Any, Any]:
@@ -87,5 +88,7 @@ def save(model, processor, directory: str) -> None:
 
 
 def finish_export(directory: str, cfg, s3) -> dict[str, Any]:
-    """Nothing to add: the checkpoint already is a model dir `detect --model` loads."""
-    return {}
+    """The checkpoint already is a model dir `detect --model` loads; a fine-tuned one records its base."""
+    if cfg.model is None:
+        return {}
+    return {BASE_INFO_KEY: base_model_record(cfg, s3)}

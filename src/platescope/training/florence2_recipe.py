@@ -23,8 +23,8 @@ import numpy as np
 
 from platescope.detectors.loading import resolve_adapter, resolve_model
 from platescope.training.data import processor_inputs
+from platescope.training.lineage import BASE_INFO_KEY, base_model_record
 
-BASE_INFO_KEY = "base_model"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -121,12 +121,12 @@ def save(model, processor, directory: str) -> None:
 
 
 def finish_export(directory: str, cfg, s3) -> dict[str, Any]:
-    """Record the base the adapter belongs to (as the user named it, and its weights' hash); with
+    """Record the base the adapter belongs to (as the user named it, its weights' hash, and its own training
+    record if it has one); with
     `merge`, replace the adapter by base + adapter folded into one full model dir."""
     from peft import PeftModel
 
-    base_weights = resolve_model(cfg.model, s3=s3, allow_unsafe_weights=cfg.allow_unsafe_weights)  # cached: no second fetch
-    identity = {"model": cfg.model, "weights_sha256_12": base_weights.weights_hash}
+    identity = base_model_record(cfg, s3)
     readme = os.path.join(directory, "README.md")  # PEFT's empty model card
     if os.path.exists(readme):
         os.remove(readme)

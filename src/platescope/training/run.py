@@ -19,9 +19,9 @@ from typing import Any
 from platescope import storage
 from platescope.config import TrainConfig
 from platescope.training import data
+from platescope.training.lineage import TRAINING_INFO
 
 EXPORT_DIR = "model"
-TRAINING_INFO = "platescope_training.json"
 
 
 class TrainPreflightError(ValueError):
