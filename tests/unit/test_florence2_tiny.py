@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
+import torch
+import transformers
 from PIL import Image
 
 from platescope.detectors.florence2_tiny import build_florence2_tiny, build_florence2_tiny_dir

@@ -46,7 +46,9 @@ def test_strict_keeps_unsupported_and_overlapping_inputs_count_once(tmp_path):
 def test_manifest_round_trips_and_is_reused(tmp_path):
     touch(tmp_path / "in" / "a.jpg")
     run_dir = str(tmp_path / "out" / "r1")
-    make = lambda: m.list_inputs([str(tmp_path / "in")], s3=None, strict=False, num_inputs_per_shard=8)
+    def make():
+        return m.list_inputs([str(tmp_path / "in")], s3=None, strict=False, num_inputs_per_shard=8)
+
     first, resumed = m.load_or_create(run_dir, make, None)
     assert not resumed
     touch(tmp_path / "in" / "b.jpg")  # appears after the run started: not part of it

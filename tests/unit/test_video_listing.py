@@ -164,7 +164,9 @@ def test_segments_decode_to_the_rows_of_the_whole_video(tmp_path, long_video):
     whole = listing(tmp_path / "in", video_segment_s=100).entries
     split = listing(tmp_path / "in", video_segment_s=10).entries
     assert len(whole) == 1 and len(split) == 3
-    key = lambda r: (r["source_uri"], r["frame_index"], r["timestamp_s"], r["image"].tobytes(), r["error"])
+    def key(r):
+        return r["source_uri"], r["frame_index"], r["timestamp_s"], r["image"].tobytes(), r["error"]
+
     expected = [key(r) for r in rows_of(whole[0])]
     got = []
     for entry in split:
