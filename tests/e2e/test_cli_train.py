@@ -230,6 +230,14 @@ def test_rerunning_after_the_driver_died_resumes(plates_x8, tmp_path):
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and its local Ray die together
         first.wait(timeout=60)
+    # The same name with another learning rate would train one model under two configs: refused before
+    # Ray starts, naming the field; the checkpoints stay as they were.
+    kept = sorted(p.name for p in (ckpt / "again").glob("epoch-*"))
+    other = [a if not a.startswith("learning_rate=") else "learning_rate=0.002" for a in args]
+    refused = subprocess.run(other, check=False, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "learning_rate 0.001 -> 0.002" in refused.stderr, refused.stderr[-3000:]
+    assert "worker group" not in refused.stdout + refused.stderr
+    assert sorted(p.name for p in (ckpt / "again").glob("epoch-*")) == kept
     second = subprocess.run(args, check=False, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-4000:]
     epochs = epochs_printed(second.stdout + second.stderr)

@@ -152,12 +152,13 @@ def read(run_dir: str, s3: S3Options | None) -> dict[str, Any] | None:
     return json.loads(data)["fields"]
 
 
-def write(run_dir: str, fields: dict[str, Any], s3: S3Options | None) -> None:
+def write(run_dir: str, fields: dict[str, Any], s3: S3Options | None,
+          about: str = "settings the rows depend on, from the run's first start; a rerun that differs refuses",
+          ) -> None:
     from platescope import __version__
 
     doc = {"format": FORMAT, "fields": fields, "platescope": __version__,
-           "recorded_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "about": "settings the rows depend on, from the run's first start; a rerun that differs refuses"}
+           "recorded_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "about": about}
     storage.write_bytes_atomic(uri(run_dir), json.dumps(doc, indent=2).encode(), s3)
 
 

@@ -1,10 +1,10 @@
 """The train job: preflight -> Ray Data sets -> TorchTrainer -> export of the best checkpoint.
 
 Checkpoints live under <storage>/<name>/ (Ray Train's run folder); rerunning the same name after
-the driver died finds them there and resumes. The best checkpoint by val mAP (or the last one
-without val) is exported as a model dir `platescope detect --model` loads as it is; for Florence-2,
-as a LoRA adapter `detect --detector florence2 --adapter` loads on its base (or, with merge, as a
-full model dir).
+the driver died finds them there and resumes, if its settings are the first start's (`fingerprint`).
+The best checkpoint by val mAP (or the last one without val) is exported as a model dir
+`platescope detect --model` loads as it is; for Florence-2, as a LoRA adapter `detect --detector
+florence2 --adapter` loads on its base (or, with merge, as a full model dir).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from platescope import storage
 from platescope.config import TrainConfig
-from platescope.training import data
+from platescope.training import data, fingerprint
 from platescope.training.lineage import TRAINING_INFO
 
 EXPORT_DIR = "model"
@@ -59,6 +59,10 @@ def _preflight(cfg: TrainConfig, s3) -> tuple[data.LabelledSet, data.LabelledSet
         storage.check_writable(storage.join(cfg.storage, cfg.name), s3)
     except Exception as e:  # noqa: BLE001 - permissions, DNS, credentials: one line
         raise TrainPreflightError(f"storage {cfg.storage}: cannot be written ({type(e).__name__}: {e})") from None
+    try:
+        fingerprint.check_or_record(cfg, s3)
+    except fingerprint.TrainResumeError as e:
+        raise TrainPreflightError(str(e)) from None
     return train, val
 
 

@@ -1,0 +1,70 @@
+"""What a training run's weights depend on, recorded at its first start, so that rerunning the same
+name resumes that run and never trains on with other settings.
+
+`<storage>/<name>/fingerprint.json` (detect's format, `pipeline.fingerprint`) holds the training set
+and val set (hashes of their COCO JSON, so a path written differently on another machine still
+matches), the model as named with its weights' hash (or the preset), and every setting that changes
+the weights or the schedule: the optimiser's, the augmentation's, the input size, the seed, the
+number of workers and the batch size (together they set the steps of an epoch), the epochs or steps
+(the cosine schedule's length). A rerun computes the same from its own config before Ray starts; if
+the run folder holds a checkpoint and a field differs, it refuses, naming each one. Without a
+checkpoint there is nothing to mix: the new settings are recorded.
+
+Free to differ: where and how it runs (use_gpu, num_cpus_per_worker, address, S3 credentials and
+endpoint), how failures and checkpoints are handled (max_failures, num_checkpoints_to_keep) and the
+export (export, export_dtype, merge), and allow_unsafe_weights (the loading policy, not the weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from platescope import storage
+from platescope.config import TrainConfig
+from platescope.pipeline import fingerprint as detect_fingerprint
+
+TRAINING_FIELDS = ("model", "preset", "detector", "prompt", "max_new_tokens", "lora", "num_workers",
+                   "num_epochs", "max_steps", "batch_size", "learning_rate", "weight_decay", "warmup_steps",
+                   "max_grad_norm", "precision", "augment", "augment_recipe", "aspect_jitter", "input_height",
+                   "input_width", "letterbox", "min_box_size", "seed")
+ABOUT = "settings the weights depend on, from the run's first start; a rerun that differs refuses"
+# Ray Train's record of the checkpoints it has committed: what a rerun resumes from.
+CHECKPOINT_INDEX = "checkpoint_manager_snapshot.json"
+
+
+class TrainResumeError(ValueError):
+    """A rerun of a run name whose settings differ from its first start's."""
+
+
+def compute(cfg: TrainConfig, s3) -> dict[str, Any]:
+    values = cfg.model_dump(mode="json")
+    fields: dict[str, Any] = {name: values[name] for name in TRAINING_FIELDS}
+    if cfg.detector != "florence2":
+        for name in ("prompt", "max_new_tokens", "lora"):
+            fields[name] = None  # only the Florence-2 recipe reads them
+    fields["model_weights"] = detect_fingerprint.weights_id("model", cfg.model, s3) if cfg.model else None
+    for name in ("train", "val"):
+        uri = getattr(cfg, name)
+        fields[f"{name}_labels"] = hashlib.sha256(storage.read_bytes(uri, s3)).hexdigest()[:12] if uri else None
+    return fields
+
+
+def check_or_record(cfg: TrainConfig, s3) -> None:
+    """Refuse (TrainResumeError, one line) to go on with a run started with other settings; otherwise
+    record this config's fingerprint if the run has none yet (or has no checkpoint to resume)."""
+    run_dir = storage.join(cfg.storage, cfg.name)
+    current = compute(cfg, s3)
+    recorded = detect_fingerprint.read(run_dir, s3)
+    resumable = storage.exists(storage.join(run_dir, CHECKPOINT_INDEX), s3)
+    if recorded is not None and resumable:
+        diffs = detect_fingerprint.differences(recorded, current)
+        if diffs:
+            raise TrainResumeError(
+                f"run {cfg.name} ({run_dir}) holds checkpoints of a run started with other settings; going on "
+                f"with these would train one model under two configs: {'; '.join(diffs)}. Rerun with the "
+                "first start's settings, or give a new name (to train on from its best weights: a new name "
+                "with model=<its export>)")
+    if recorded != current:
+        # A first start, a run from before fingerprints (adopted as it is), or a folder with no checkpoint.
+        detect_fingerprint.write(run_dir, current, s3, about=ABOUT)

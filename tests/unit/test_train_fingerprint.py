@@ -1,0 +1,87 @@
+"""A training run's settings, recorded at its first start: a rerun of the same name with settings that change
+the weights is refused once there is a checkpoint to resume; settings that do not may change freely.
+(The refusal through the CLI, on a real interrupted run: tests/e2e/test_cli_train.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from platescope import samples
+from platescope.config import TrainConfig
+from platescope.training import fingerprint
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory) -> Path:
+    return samples.write_image_dataset(str(tmp_path_factory.mktemp("labels")), 3, seed=1, size=(160, 120))
+
+
+def _cfg(labels: Path, storage: Path, **fields) -> TrainConfig:
+    return TrainConfig(name="run", storage=str(storage), train=str(labels), preset="rtdetr-tiny-test", **fields)
+
+
+def _holds_a_checkpoint(storage: Path) -> None:
+    """What Ray Train writes once it has committed a checkpoint, and reads to resume."""
+    (storage / "run" / fingerprint.CHECKPOINT_INDEX).write_text("{}")
+
+
+def test_the_first_start_records_and_the_same_settings_resume(labels, tmp_path):
+    fingerprint.check_or_record(_cfg(labels, tmp_path, learning_rate=0.001), None)
+    recorded = json.loads((tmp_path / "run" / "fingerprint.json").read_text())["fields"]
+    assert recorded["learning_rate"] == 0.001 and len(recorded["train_labels"]) == 12
+    _holds_a_checkpoint(tmp_path)
+    fingerprint.check_or_record(_cfg(labels, tmp_path, learning_rate=0.001), None)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"learning_rate": 0.002}, "learning_rate 0.001 -> 0.002"),
+    ({"num_epochs": 20}, "num_epochs 10 -> 20"),
+    ({"augment_recipe": "basic"}, 'augment_recipe "cameras" -> "basic"'),
+    ({"num_workers": 4, "seed": 3}, "num_workers 2 -> 4; seed 0 -> 3"),
+])
+def test_a_rerun_that_would_train_under_other_settings_is_refused_naming_them(labels, tmp_path, change, named):
+    fingerprint.check_or_record(_cfg(labels, tmp_path, learning_rate=0.001), None)
+    _holds_a_checkpoint(tmp_path)
+    with pytest.raises(fingerprint.TrainResumeError, match="run run ") as err:
+        fingerprint.check_or_record(_cfg(labels, tmp_path, **{"learning_rate": 0.001, **change}), None)
+    assert named in str(err.value) and "new name" in str(err.value)
+
+
+def test_other_labels_under_the_same_path_are_refused_and_the_same_labels_elsewhere_are_not(labels, tmp_path):
+    moved = tmp_path / "elsewhere" / labels.name
+    moved.parent.mkdir()
+    shutil.copy(labels, moved)
+    fingerprint.check_or_record(_cfg(labels, tmp_path / "ckpt"), None)
+    _holds_a_checkpoint(tmp_path / "ckpt")
+    fingerprint.check_or_record(_cfg(moved, tmp_path / "ckpt"), None)
+    coco = json.loads(moved.read_text())
+    coco["annotations"] = coco["annotations"][1:]
+    moved.write_text(json.dumps(coco))
+    with pytest.raises(fingerprint.TrainResumeError, match="train_labels"):
+        fingerprint.check_or_record(_cfg(moved, tmp_path / "ckpt"), None)
+
+
+def test_how_the_run_goes_and_is_exported_may_change(labels, tmp_path):
+    fingerprint.check_or_record(_cfg(labels, tmp_path), None)
+    _holds_a_checkpoint(tmp_path)
+    fingerprint.check_or_record(_cfg(labels, tmp_path, max_failures=0, num_checkpoints_to_keep=5, use_gpu=True,
+                                     export=str(tmp_path / "x"), export_dtype="float16", num_cpus_per_worker=2),
+                                None)
+
+
+def test_without_a_checkpoint_new_settings_are_recorded_instead(labels, tmp_path):
+    fingerprint.check_or_record(_cfg(labels, tmp_path, learning_rate=0.001), None)
+    fingerprint.check_or_record(_cfg(labels, tmp_path, learning_rate=0.002), None)
+    recorded = json.loads((tmp_path / "run" / "fingerprint.json").read_text())["fields"]
+    assert recorded["learning_rate"] == 0.002
+
+
+def test_a_fine_tuning_run_records_its_base_weights(tiny_rtdetr_dir, labels, tmp_path):
+    from platescope.detectors.loading import hash_weights
+
+    cfg = TrainConfig(name="run", storage=str(tmp_path), train=str(labels), model=tiny_rtdetr_dir)
+    assert fingerprint.compute(cfg, None)["model_weights"] == hash_weights(tiny_rtdetr_dir)
