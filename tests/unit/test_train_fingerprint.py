@@ -39,7 +39,7 @@ def test_the_first_start_records_and_the_same_settings_resume(labels, tmp_path):
 
 @pytest.mark.parametrize("change, named", [
     ({"learning_rate": 0.002}, "learning_rate 0.001 -> 0.002"),
-    ({"num_epochs": 20}, "num_epochs 10 -> 20"),
+    ({"weight_decay": 0.01}, "weight_decay 0.0001 -> 0.01"),
     ({"augment_recipe": "basic"}, 'augment_recipe "cameras" -> "basic"'),
     ({"num_workers": 4, "seed": 3}, "num_workers 2 -> 4; seed 0 -> 3"),
 ])
@@ -65,10 +65,11 @@ def test_other_labels_under_the_same_path_are_refused_and_the_same_labels_elsewh
         fingerprint.check_or_record(_cfg(moved, tmp_path / "ckpt"), None)
 
 
-def test_how_the_run_goes_and_is_exported_may_change(labels, tmp_path):
+def test_how_long_and_where_the_run_goes_and_its_export_may_change(labels, tmp_path):
+    """More epochs carry a run on (tests/e2e/test_cli_train_florence2.py does so through the CLI)."""
     fingerprint.check_or_record(_cfg(labels, tmp_path), None)
     _holds_a_checkpoint(tmp_path)
-    fingerprint.check_or_record(_cfg(labels, tmp_path, max_failures=0, num_checkpoints_to_keep=5, use_gpu=True,
+    fingerprint.check_or_record(_cfg(labels, tmp_path, num_epochs=30, max_steps=500, max_failures=0, num_checkpoints_to_keep=5, use_gpu=True,
                                      export=str(tmp_path / "x"), export_dtype="float16", num_cpus_per_worker=2),
                                 None)
 

@@ -4,15 +4,16 @@ name resumes that run and never trains on with other settings.
 `<storage>/<name>/fingerprint.json` (detect's format, `pipeline.fingerprint`) holds the training set
 and val set (hashes of their COCO JSON, so a path written differently on another machine still
 matches), the model as named with its weights' hash (or the preset), and every setting that changes
-the weights or the schedule: the optimiser's, the augmentation's, the input size, the seed, the
-number of workers and the batch size (together they set the steps of an epoch), the epochs or steps
-(the cosine schedule's length). A rerun computes the same from its own config before Ray starts; if
-the run folder holds a checkpoint and a field differs, it refuses, naming each one. Without a
-checkpoint there is nothing to mix: the new settings are recorded.
+the weights: the optimiser's, the augmentation's, the input size, the seed, the number of workers and
+the batch size (together they set the steps of an epoch). A rerun computes the same from its own
+config before Ray starts; if the run folder holds a checkpoint and a field differs, it refuses,
+naming each one. Without a checkpoint there is nothing to mix: the new settings are recorded.
 
-Free to differ: where and how it runs (use_gpu, num_cpus_per_worker, address, S3 credentials and
-endpoint), how failures and checkpoints are handled (max_failures, num_checkpoints_to_keep) and the
-export (export, export_dtype, merge), and allow_unsafe_weights (the loading policy, not the weights).
+Free to differ: how long it trains (num_epochs, max_steps: a rerun with more carries on from its
+last checkpoint, the cosine schedule stretched to the new end), where and how it runs (use_gpu,
+num_cpus_per_worker, address, S3 credentials and endpoint), how failures and checkpoints are
+handled (max_failures, num_checkpoints_to_keep), the export (export, export_dtype, merge), and
+allow_unsafe_weights (the loading policy, not the weights).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from platescope.config import TrainConfig
 from platescope.pipeline import fingerprint as detect_fingerprint
 
 TRAINING_FIELDS = ("model", "preset", "detector", "prompt", "max_new_tokens", "lora", "num_workers",
-                   "num_epochs", "max_steps", "batch_size", "learning_rate", "weight_decay", "warmup_steps",
-                   "max_grad_norm", "precision", "augment", "augment_recipe", "aspect_jitter", "input_height",
-                   "input_width", "letterbox", "min_box_size", "seed")
+                   "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "precision",
+                   "augment", "augment_recipe", "aspect_jitter", "input_height", "input_width", "letterbox",
+                   "min_box_size", "seed")
 ABOUT = "settings the weights depend on, from the run's first start; a rerun that differs refuses"
 # Ray Train's record of the checkpoints it has committed: what a rerun resumes from.
 CHECKPOINT_INDEX = "checkpoint_manager_snapshot.json"
