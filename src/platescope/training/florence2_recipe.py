@@ -121,9 +121,9 @@ def save(model, processor, directory: str) -> None:
 
 
 def finish_export(directory: str, cfg, s3) -> dict[str, Any]:
-    """Record the base the adapter belongs to (as the user named it, its weights' hash, and its own training
-    record if it has one); with
-    `merge`, replace the adapter by base + adapter folded into one full model dir."""
+    """Record the base the adapter belongs to (as the user named it, its weights' hash, and its own
+    training record if it has one); with `merge`, replace the adapter by base + adapter folded into one
+    full model dir."""
     from peft import PeftModel
 
     identity = base_model_record(cfg, s3)
