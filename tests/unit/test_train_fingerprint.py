@@ -13,6 +13,7 @@ import pytest
 from platescope import samples
 from platescope.config import TrainConfig
 from platescope.training import fingerprint
+from platescope.training.data import read_coco_set
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +25,22 @@ def _cfg(labels: Path, storage: Path, **fields) -> TrainConfig:
     return TrainConfig(name="run", storage=str(storage), train=str(labels), preset="rtdetr-tiny-test", **fields)
 
 
+def _check(cfg: TrainConfig) -> None:
+    """What the train preflight does with the sets it has read."""
+    fingerprint.check_or_record(cfg, None, read_coco_set(cfg.train, None), None)
+
+
 def _holds_a_checkpoint(storage: Path) -> None:
     """What Ray Train writes once it has committed a checkpoint, and reads to resume."""
     (storage / "run" / fingerprint.CHECKPOINT_INDEX).write_text("{}")
 
 
 def test_the_first_start_records_and_the_same_settings_resume(labels, tmp_path):
-    fingerprint.check_or_record(_cfg(labels, tmp_path, learning_rate=0.001), None)
+    _check(_cfg(labels, tmp_path, learning_rate=0.001))
     recorded = json.loads((tmp_path / "run" / "fingerprint.json").read_text())["fields"]
     assert recorded["learning_rate"] == 0.001 and len(recorded["train_labels"]) == 12
     _holds_a_checkpoint(tmp_path)
-    fingerprint.check_or_record(_cfg(labels, tmp_path, learning_rate=0.001), None)
+    _check(_cfg(labels, tmp_path, learning_rate=0.001))
 
 
 @pytest.mark.parametrize("change, named", [
@@ -44,10 +50,10 @@ def test_the_first_start_records_and_the_same_settings_resume(labels, tmp_path):
     ({"num_workers": 4, "seed": 3}, "num_workers 2 -> 4; seed 0 -> 3"),
 ])
 def test_a_rerun_that_would_train_under_other_settings_is_refused_naming_them(labels, tmp_path, change, named):
-    fingerprint.check_or_record(_cfg(labels, tmp_path, learning_rate=0.001), None)
+    _check(_cfg(labels, tmp_path, learning_rate=0.001))
     _holds_a_checkpoint(tmp_path)
     with pytest.raises(fingerprint.TrainResumeError, match="run run ") as err:
-        fingerprint.check_or_record(_cfg(labels, tmp_path, **{"learning_rate": 0.001, **change}), None)
+        _check(_cfg(labels, tmp_path, **{"learning_rate": 0.001, **change}))
     assert named in str(err.value) and "new name" in str(err.value)
 
 
@@ -55,28 +61,27 @@ def test_other_labels_under_the_same_path_are_refused_and_the_same_labels_elsewh
     moved = tmp_path / "elsewhere" / labels.name
     moved.parent.mkdir()
     shutil.copy(labels, moved)
-    fingerprint.check_or_record(_cfg(labels, tmp_path / "ckpt"), None)
+    _check(_cfg(labels, tmp_path / "ckpt"))
     _holds_a_checkpoint(tmp_path / "ckpt")
-    fingerprint.check_or_record(_cfg(moved, tmp_path / "ckpt"), None)
+    _check(_cfg(moved, tmp_path / "ckpt"))
     coco = json.loads(moved.read_text())
     coco["annotations"] = coco["annotations"][1:]
     moved.write_text(json.dumps(coco))
     with pytest.raises(fingerprint.TrainResumeError, match="train_labels"):
-        fingerprint.check_or_record(_cfg(moved, tmp_path / "ckpt"), None)
+        _check(_cfg(moved, tmp_path / "ckpt"))
 
 
 def test_how_long_and_where_the_run_goes_and_its_export_may_change(labels, tmp_path):
     """More epochs carry a run on (tests/e2e/test_cli_train_florence2.py does so through the CLI)."""
-    fingerprint.check_or_record(_cfg(labels, tmp_path), None)
+    _check(_cfg(labels, tmp_path))
     _holds_a_checkpoint(tmp_path)
-    fingerprint.check_or_record(_cfg(labels, tmp_path, num_epochs=30, max_steps=500, max_failures=0, num_checkpoints_to_keep=5, use_gpu=True,
-                                     export=str(tmp_path / "x"), export_dtype="float16", num_cpus_per_worker=2),
-                                None)
+    _check(_cfg(labels, tmp_path, num_epochs=30, max_steps=500, max_failures=0, num_checkpoints_to_keep=5,
+                use_gpu=True, export=str(tmp_path / "x"), export_dtype="float16", num_cpus_per_worker=2))
 
 
 def test_without_a_checkpoint_new_settings_are_recorded_instead(labels, tmp_path):
-    fingerprint.check_or_record(_cfg(labels, tmp_path, learning_rate=0.001), None)
-    fingerprint.check_or_record(_cfg(labels, tmp_path, learning_rate=0.002), None)
+    _check(_cfg(labels, tmp_path, learning_rate=0.001))
+    _check(_cfg(labels, tmp_path, learning_rate=0.002))
     recorded = json.loads((tmp_path / "run" / "fingerprint.json").read_text())["fields"]
     assert recorded["learning_rate"] == 0.002
 
@@ -85,4 +90,5 @@ def test_a_fine_tuning_run_records_its_base_weights(tiny_rtdetr_dir, labels, tmp
     from platescope.detectors.loading import hash_weights
 
     cfg = TrainConfig(name="run", storage=str(tmp_path), train=str(labels), model=tiny_rtdetr_dir)
-    assert fingerprint.compute(cfg, None)["model_weights"] == hash_weights(tiny_rtdetr_dir)
+    fields = fingerprint.compute(cfg, None, read_coco_set(cfg.train, None), None)
+    assert fields["model_weights"] == hash_weights(tiny_rtdetr_dir)

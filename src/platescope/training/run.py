@@ -60,7 +60,7 @@ def _preflight(cfg: TrainConfig, s3) -> tuple[data.LabelledSet, data.LabelledSet
     except Exception as e:  # noqa: BLE001 - permissions, DNS, credentials: one line
         raise TrainPreflightError(f"storage {cfg.storage}: cannot be written ({type(e).__name__}: {e})") from None
     try:
-        fingerprint.check_or_record(cfg, s3)
+        fingerprint.check_or_record(cfg, s3, train, val)
     except fingerprint.TrainResumeError as e:
         raise TrainPreflightError(str(e)) from None
     return train, val
