@@ -29,7 +29,6 @@ from pydantic import (
 from platescope.models import DEFAULT_MODEL_NMS, default_model_dir
 from platescope.storage import S3Options
 
-
 # --------------------------------------------------------------------------------------------
 # What holds a secret: one rule for config fields (right or misspelt), job files and env vars
 # --------------------------------------------------------------------------------------------

@@ -256,7 +256,14 @@ def test_harmless_names(name):
 
 
 def test_only_the_s3_keys_among_config_fields_are_secret():
-    from platescope.config import EvaluateConfig, EvaluationOptions, LoraOptions, S3Config, TrainConfig, is_secret_name
+    from platescope.config import (
+        EvaluateConfig,
+        EvaluationOptions,
+        LoraOptions,
+        S3Config,
+        TrainConfig,
+        is_secret_name,
+    )
 
     secret = {f"{cls.__name__}.{name}" for cls in (DetectConfig, TrainConfig, EvaluateConfig, EvaluationOptions,
                                                    LoraOptions, S3Config)

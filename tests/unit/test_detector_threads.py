@@ -8,8 +8,8 @@ import pytest
 
 from platescope.config import DetectConfig
 from platescope.pipeline import actor
-from platescope.pipeline.stage import DetectorSpec
 from platescope.pipeline.actor import decide_num_threads
+from platescope.pipeline.stage import DetectorSpec
 from platescope.storage import S3Options
 
 

@@ -25,7 +25,12 @@ from typing import Any
 import numpy as np
 
 from platescope.cputime import PhaseClock
-from platescope.detectors.geometry import PREPROCESSOR_CONFIG, InputGeometry, geometry_from_config, pixel_arrays
+from platescope.detectors.geometry import (
+    PREPROCESSOR_CONFIG,
+    InputGeometry,
+    geometry_from_config,
+    pixel_arrays,
+)
 from platescope.detectors.loading import resolve_local_model
 from platescope.detectors.onnx_runtime import export_path, failed_marker, load_session, model_dir_identity
 from platescope.detectors.postprocess import RECIPES, box_frames, candidate_threshold, finish, post_process
