@@ -462,6 +462,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(50, ge=0, description="linear warm-up before the cosine decay")
     max_grad_norm: float = Field(0.1, gt=0, description="gradient clipping")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep a moving average of the weights (e.g. 0.999: about the last 1,000 "
+        "steps); val scores it and the export ships it (off: the training weights)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast dtype on GPU (auto: bf16 where supported, else fp16); CPU runs fp32")
     augment: bool = Field(True, description="albumentations on training images (never on val)")

@@ -244,6 +244,43 @@ def test_rerunning_after_the_driver_died_resumes(plates_x8, tmp_path):
     assert epochs and min(epochs) >= 3 and max(epochs) == 4, epochs
 
 
+def test_with_ema_decay_val_checkpoints_and_export_hold_the_average_and_a_rerun_carries_it_on(plates, tmp_path):
+    """4 steps, then a rerun to 8: each checkpoint's model is the averaged weights (what val scored),
+    its train state the training weights and the update count; the export is the best checkpoint's
+    model as it is; the rerun resumes the average where it was (8 updates, not 4)."""
+    from safetensors.torch import load_file
+
+    from platescope.training.loop import TRAIN_STATE
+
+    ckpt = tmp_path / "ckpt"
+    args = [*OVERFIT, f"train={plates}", f"val={plates}", f"storage={ckpt}", "name=avg", "num_workers=1",
+            "ema_decay=0.9", "num_checkpoints_to_keep=4"]
+    first = train_cli(*args, "max_steps=4", env={})
+    assert first.returncode == 0, first.stderr[-4000:]
+    run = ckpt / "avg"
+    info = json.loads((run / "model" / "platescope_training.json").read_text())
+    assert info["training_config"]["ema_decay"] == 0.9
+
+    def checkpoint(epoch: int) -> tuple[dict, dict]:
+        folder = run / f"epoch-{epoch:04d}"
+        return load_file(str(folder / "model.safetensors")), torch.load(folder / TRAIN_STATE, weights_only=True)
+
+    best_model, best_state = checkpoint(info["val_metrics"]["epoch"])
+    exported = load_file(str(run / "model" / "model.safetensors"))
+    assert exported.keys() == best_model.keys() and all(torch.equal(exported[k], best_model[k]) for k in exported)
+    average = best_state["weight_average"]
+    assert average["updates"] == best_state["step"] == 2 * info["val_metrics"]["epoch"]
+    trained = average["training_weights"]
+    moved = [k for k in trained if k in best_model and not torch.equal(trained[k], best_model[k])]
+    assert len(moved) > len(trained) // 2, "the checkpoint's model is not the average"
+
+    second = train_cli(*args, "max_steps=8", env={})
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert epochs_printed(second.stdout + second.stderr) == [3, 4]
+    _, last_state = checkpoint(4)
+    assert last_state["weight_average"]["updates"] == last_state["step"] == 8
+
+
 def test_bad_train_config_fails_before_any_work(tmp_path, plates):
     proc = train_cli(f"train={plates}", f"storage={tmp_path}/ckpt", "name=x", "num_workrs=2",
                      "preset=rtdetr-tiny-test", env={})

@@ -4,6 +4,7 @@ and `detect --adapter` on the result."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from platescope import samples, storage
 from platescope.detectors.florence2_tiny import build_florence2_tiny_dir
+from platescope.training.loop import TRAIN_STATE
 
 CLI = [sys.executable, "-m", "platescope.cli"]
 
@@ -41,7 +44,8 @@ def test_lora_trains_on_two_workers_resumes_and_the_adapter_runs_in_detect(label
                                "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}))
     args = [*CLI, "train", "detector=florence2", f"model={base}", f"train={labelled}", f"val={val}",
             f"storage={bucket}/runs", "name=lora", "num_workers=2", "batch_size=2", "learning_rate=0.001",
-            "warmup_steps=1", "max_new_tokens=24", "lora.r=4", "lora.alpha=8", "augment=false"]
+            "warmup_steps=1", "max_new_tokens=24", "lora.r=4", "lora.alpha=8", "augment=false",
+            "ema_decay=0.9"]
 
     first = subprocess.run([*args, "num_epochs=2"], check=False, capture_output=True, text=True, timeout=400, env=env)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -60,6 +64,15 @@ def test_lora_trains_on_two_workers_resumes_and_the_adapter_runs_in_detect(label
     assert [h["epoch"] for h in history] == [1, 2, 3] and history[-1]["step"] == 6
     printed = second.stdout + second.stderr
     assert "epoch 3 step 6" in printed and "epoch 1 step" not in printed and "epoch 2 step" not in printed
+    # The weight average carried on too, over the adapter only (the frozen base is never copied).
+    state = torch.load(io.BytesIO(storage.read_bytes(f"{bucket}/runs/lora/epoch-0003/{TRAIN_STATE}", s3)),
+                       weights_only=True)
+    average = state["weight_average"]
+    assert average["updates"] == state["step"] == 6
+    tracked = average["training_weights"]
+    assert any("lora_A" in k for k in tracked) and any("lora_B" in k for k in tracked)
+    # Besides the adapter, only floating buffers (a position table here), no weight of the base.
+    assert not [k for k in tracked if "lora_" not in k and k.endswith((".weight", ".bias"))]
 
     adapter = f"{bucket}/runs/lora/model"
     exported = {o.uri.rsplit("/", 1)[1]: o for o in storage.list_objects(adapter, s3)}

@@ -166,6 +166,16 @@ def test_aspect_jitter_is_refused_without_augmentation_or_below_zero():
             build_config(TrainConfig, overrides=[*TRAIN, "preset=p", *overrides])
 
 
+def test_ema_decay_must_lie_between_0_and_1():
+    from platescope.config import TrainConfig
+
+    assert build_config(TrainConfig, overrides=[*TRAIN, "preset=p"]).ema_decay is None
+    assert build_config(TrainConfig, overrides=[*TRAIN, "preset=p", "ema_decay=0.999"]).ema_decay == 0.999
+    for value, message in (("1", "less than 1"), ("0", "greater than 0"), ("x", "valid number")):
+        with pytest.raises(ConfigError, match=f"ema_decay: .*{message}"):
+            build_config(TrainConfig, overrides=[*TRAIN, "preset=p", f"ema_decay={value}"])
+
+
 # -- no error message shows a secret -------------------------------------------------------------
 
 SECRET = "wJalrXUtnFEMI-K7MDENG"

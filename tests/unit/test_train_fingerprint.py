@@ -48,6 +48,7 @@ def test_the_first_start_records_and_the_same_settings_resume(labels, tmp_path):
     ({"weight_decay": 0.01}, "weight_decay 0.0001 -> 0.01"),
     ({"augment_recipe": "basic"}, 'augment_recipe "cameras" -> "basic"'),
     ({"num_workers": 4, "seed": 3}, "num_workers 2 -> 4; seed 0 -> 3"),
+    ({"ema_decay": 0.999}, "ema_decay null -> 0.999"),
 ])
 def test_a_rerun_that_would_train_under_other_settings_is_refused_naming_them(labels, tmp_path, change, named):
     _check(_cfg(labels, tmp_path, learning_rate=0.001))
@@ -77,6 +78,18 @@ def test_how_long_and_where_the_run_goes_and_its_export_may_change(labels, tmp_p
     _holds_a_checkpoint(tmp_path)
     _check(_cfg(labels, tmp_path, num_epochs=30, max_steps=500, max_failures=0, num_checkpoints_to_keep=5,
                 use_gpu=True, export=str(tmp_path / "x"), export_dtype="float16", num_cpus_per_worker=2))
+
+
+def test_a_run_recorded_before_ema_decay_existed_resumes_without_it_and_refuses_it(labels, tmp_path):
+    _check(_cfg(labels, tmp_path))
+    path = tmp_path / "run" / "fingerprint.json"
+    older = json.loads(path.read_text())
+    del older["fields"]["ema_decay"]
+    path.write_text(json.dumps(older))
+    _holds_a_checkpoint(tmp_path)
+    with pytest.raises(fingerprint.TrainResumeError, match="ema_decay null -> 0.99"):
+        _check(_cfg(labels, tmp_path, ema_decay=0.99))
+    _check(_cfg(labels, tmp_path))
 
 
 def test_without_a_checkpoint_new_settings_are_recorded_instead(labels, tmp_path):

@@ -4,10 +4,11 @@ name resumes that run and never trains on with other settings.
 `<storage>/<name>/fingerprint.json` (detect's format, `pipeline.fingerprint`) holds the training set
 and val set (hashes of the labels as parsed, so a path written differently on another machine still
 matches), the model as named with its weights' hash (or the preset), and every setting that changes
-the weights: the optimiser's, the augmentation's, the input size, the seed, the number of workers and
-the batch size (together they set the steps of an epoch). A rerun computes the same from its own
-config before Ray starts; if the run folder holds a checkpoint and a field differs, it refuses,
-naming each one. Without a checkpoint there is nothing to mix: the new settings are recorded.
+the weights: the optimiser's, the weight average's, the augmentation's, the input size, the seed,
+the number of workers and the batch size (together they set the steps of an epoch). A rerun
+computes the same from its own config before Ray starts; if the run folder holds a checkpoint and a
+field differs, it refuses, naming each one. Without a checkpoint there is nothing to mix: the new
+settings are recorded.
 
 Free to differ: how long it trains (num_epochs, max_steps: a rerun with more carries on from its
 last checkpoint, the cosine schedule stretched to the new end), where and how it runs (use_gpu,
@@ -29,9 +30,11 @@ from platescope.pipeline import fingerprint as detect_fingerprint
 from platescope.training.data import LabelledSet
 
 TRAINING_FIELDS = ("model", "preset", "detector", "prompt", "max_new_tokens", "lora", "num_workers",
-                   "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "precision",
-                   "augment", "augment_recipe", "aspect_jitter", "input_height", "input_width", "letterbox",
-                   "min_box_size", "seed")
+                   "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "ema_decay",
+                   "precision", "augment", "augment_recipe", "aspect_jitter", "input_height", "input_width",
+                   "letterbox", "min_box_size", "seed")
+# A field added after runs were recorded is absent from their fingerprints; absent reads as None, so it
+# must default to None (off) for those runs to resume.
 ABOUT = "settings the weights depend on, from the run's first start; a rerun that differs refuses"
 # Ray Train's record of the checkpoints it has committed: what a rerun resumes from.
 CHECKPOINT_INDEX = "checkpoint_manager_snapshot.json"

@@ -1,16 +1,19 @@
 """The per-worker training loop Ray Train runs on every worker, top to bottom.
 
     build or resume the model (the family's recipe) -> DDP -> AdamW on what trains + cosine warm-up
+    [+ a moving average of the weights, with ema_decay]
     per epoch: train on this worker's shard, augmented as (seed, epoch, image) draws (autocast on GPU,
                clipped gradients)
                -> predict this worker's val shard -> gather -> COCO metrics (the evaluate code)
                -> report loss and metrics; rank 0 attaches a checkpoint
+    (with ema_decay, val and the checkpoint's model are the averaged weights: weight_average)
 A restarted worker (FailureConfig) or a rerun of the same name gets the last checkpoint from
 `ray.train.get_checkpoint()` and carries on from the epoch after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -89,6 +92,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from platescope.evaluation.groundtruth import GroundTruth
     from platescope.evaluation.run import score_predictions
     from platescope.training.data import augment_batch
+    from platescope.training.weight_average import STATE_KEY, WeightAverage
 
     cfg = TrainConfig.model_validate(config["cfg"])
     s3 = config["s3"]
@@ -109,6 +113,7 @@ def train_loop(config: dict[str, Any]) -> None:
     else:
         model, processor = recipe.build(cfg, id2label, s3, None)
     model.to(device)
+    average = WeightAverage(model, cfg.ema_decay, state.get(STATE_KEY)) if cfg.ema_decay else None
     # Detection heads leave some parameters out of some steps (e.g. denoising queries).
     ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) if world > 1 else model
     # Only what trains: a LoRA run's frozen base never enters the optimizer (nor its state).
@@ -151,6 +156,8 @@ def train_loop(config: dict[str, Any]) -> None:
             else:
                 optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update()
             step += 1
             images += len(batch["image_id"])
             losses.append(float(loss.detach()))
@@ -161,19 +168,24 @@ def train_loop(config: dict[str, Any]) -> None:
                                    "loss": float(np.mean(_flatten(_gather(losses)) or [float("nan")])),
                                    "images_per_s": round(sum(_gather(images)) / max(elapsed, 1e-9), 3),
                                    "learning_rate": scheduler.get_last_lr()[0]}
-        if val_shard is not None:
-            predictions = {}
-            # The unwrapped model: generation (Florence-2) is not a DDP forward, and eval needs no sync.
-            for part in _gather(_predict(recipe, model, processor, val_shard, cfg, id2label, device, autocast)):
-                predictions.update(part)
-            names_to_cat = {name: c for c, name in val_gt.categories.items()}
-            # -1 (a class index the head lacks, or a label that is no category) stays -1: no category.
-            index_to_cat = np.array([names_to_cat.get(id2label[i], -1) for i in range(len(id2label))] + [-1])
-            scored = score_predictions(val_gt, {k: (b, s, index_to_cat[lab]) for k, (b, s, lab) in predictions.items()})
-            metrics.update({k: v for k, v in scored.items() if isinstance(v, float)})
-        state["history"].append(metrics)
-        _report(ray.train, metrics, state, rank, recipe, model, processor, optimizer, scheduler, epoch, step, cfg,
-                s3, storage)
+        # Val scores, and the checkpoint keeps, the weights that would be exported: the average, if any.
+        with average.swapped_in() if average is not None else contextlib.nullcontext():
+            if val_shard is not None:
+                predictions = {}
+                # The unwrapped model: generation (Florence-2) is not a DDP forward, and eval needs no sync.
+                for part in _gather(_predict(recipe, model, processor, val_shard, cfg, id2label, device, autocast)):
+                    predictions.update(part)
+                names_to_cat = {name: c for c, name in val_gt.categories.items()}
+                # -1 (a class index the head lacks, or a label that is no category) stays -1: no category.
+                index_to_cat = np.array([names_to_cat.get(id2label[i], -1) for i in range(len(id2label))] + [-1])
+                scored = score_predictions(val_gt, {k: (b, s, index_to_cat[lab])
+                                                    for k, (b, s, lab) in predictions.items()})
+                metrics.update({k: v for k, v in scored.items() if isinstance(v, float)})
+            state["history"].append(metrics)
+            if average is not None and rank == 0:  # rank 0 writes the checkpoint
+                state[STATE_KEY] = average.state()
+            _report(ray.train, metrics, state, rank, recipe, model, processor, optimizer, scheduler, epoch, step,
+                    cfg, s3, storage)
 
 
 def _flatten(parts: list[list[float]]) -> list[float]:
@@ -195,7 +207,7 @@ def _report(train, metrics, state, rank, recipe, model, processor, optimizer, sc
                                json.dumps(state["history"], indent=2).encode(), s3)
     with tempfile.TemporaryDirectory(prefix="platescope-ckpt-") as tmp:
         recipe.save(model, processor, tmp)
-        torch.save({"epoch": epoch + 1, "step": step, "history": state["history"],
+        torch.save({**state, "epoch": epoch + 1, "step": step,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    os.path.join(tmp, TRAIN_STATE))
         train.report(metrics, checkpoint=train.Checkpoint.from_directory(tmp),
