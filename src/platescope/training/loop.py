@@ -90,7 +90,6 @@ def train_loop(config: dict[str, Any]) -> None:
     from platescope import storage
     from platescope.config import TrainConfig
     from platescope.evaluation.groundtruth import GroundTruth
-    from platescope.evaluation.run import score_predictions
     from platescope.training.data import augment_batch
     from platescope.training.weight_average import STATE_KEY, WeightAverage
 
@@ -171,21 +170,28 @@ def train_loop(config: dict[str, Any]) -> None:
         # Val scores, and the checkpoint keeps, the weights that would be exported: the average, if any.
         with average.swapped_in() if average is not None else contextlib.nullcontext():
             if val_shard is not None:
-                predictions = {}
-                # The unwrapped model: generation (Florence-2) is not a DDP forward, and eval needs no sync.
-                for part in _gather(_predict(recipe, model, processor, val_shard, cfg, id2label, device, autocast)):
-                    predictions.update(part)
-                names_to_cat = {name: c for c, name in val_gt.categories.items()}
-                # -1 (a class index the head lacks, or a label that is no category) stays -1: no category.
-                index_to_cat = np.array([names_to_cat.get(id2label[i], -1) for i in range(len(id2label))] + [-1])
-                scored = score_predictions(val_gt, {k: (b, s, index_to_cat[lab])
-                                                    for k, (b, s, lab) in predictions.items()})
-                metrics.update({k: v for k, v in scored.items() if isinstance(v, float)})
+                metrics.update(_val_metrics(recipe, model, processor, val_shard, val_gt, cfg, id2label, device,
+                                            autocast))
             state["history"].append(metrics)
             if average is not None and rank == 0:  # rank 0 writes the checkpoint
                 state[STATE_KEY] = average.state()
             _report(ray.train, metrics, state, rank, recipe, model, processor, optimizer, scheduler, epoch, step,
                     cfg, s3, storage)
+
+
+def _val_metrics(recipe, model, processor, val_shard, val_gt, cfg, id2label, device, autocast) -> dict[str, float]:
+    """COCO metrics of the model's predictions on the whole val set (each worker predicts its shard)."""
+    from platescope.evaluation.run import score_predictions
+
+    predictions = {}
+    # The unwrapped model: generation (Florence-2) is not a DDP forward, and eval needs no sync.
+    for part in _gather(_predict(recipe, model, processor, val_shard, cfg, id2label, device, autocast)):
+        predictions.update(part)
+    names_to_cat = {name: c for c, name in val_gt.categories.items()}
+    # -1 (a class index the head lacks, or a label that is no category) stays -1: no category.
+    index_to_cat = np.array([names_to_cat.get(id2label[i], -1) for i in range(len(id2label))] + [-1])
+    scored = score_predictions(val_gt, {k: (b, s, index_to_cat[lab]) for k, (b, s, lab) in predictions.items()})
+    return {k: v for k, v in scored.items() if isinstance(v, float)}
 
 
 def _flatten(parts: list[list[float]]) -> list[float]:
