@@ -87,6 +87,11 @@ def _local_path(uri: str) -> str:
     return uri.removeprefix("file://")
 
 
+def absolute(uri: str) -> str:
+    """The same place from any working directory: a local path (or file://) made absolute, s3:// as it is."""
+    return uri if is_s3(uri) else os.path.abspath(_local_path(uri))
+
+
 def filesystem(uri: str, s3: S3Options | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem that holds `uri` and the path to hand it."""
     if is_s3(uri):

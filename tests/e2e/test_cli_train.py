@@ -51,9 +51,9 @@ def plates_x8(plates) -> Path:
     return path
 
 
-def train_cli(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+def train_cli(*args: str, env: dict, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, "train", *args], check=False, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **env})
+                          env={**os.environ, **env}, cwd=cwd)
 
 
 def epochs_printed(output: str) -> list[int]:
@@ -247,15 +247,17 @@ def test_rerunning_after_the_driver_died_resumes(plates_x8, tmp_path):
 def test_with_ema_decay_val_checkpoints_and_export_hold_the_average_and_a_rerun_carries_it_on(plates, tmp_path):
     """4 steps, then a rerun to 8: each checkpoint's model is the averaged weights (what val scored),
     its train state the training weights and the update count; the export is the best checkpoint's
-    model as it is; the rerun resumes the average where it was (8 updates, not 4)."""
+    model as it is; the rerun resumes the average where it was (8 updates, not 4). The storage is
+    given relative to where the CLI runs, as the README's commands give it: checkpoints, metrics.json
+    (which the worker writes, from its own directory) and the export all land under it."""
     from safetensors.torch import load_file
 
     from platescope.training.loop import TRAIN_STATE
 
     ckpt = tmp_path / "ckpt"
-    args = [*OVERFIT, f"train={plates}", f"val={plates}", f"storage={ckpt}", "name=avg", "num_workers=1",
+    args = [*OVERFIT, f"train={plates}", f"val={plates}", "storage=ckpt", "name=avg", "num_workers=1",
             "ema_decay=0.9", "num_checkpoints_to_keep=4"]
-    first = train_cli(*args, "max_steps=4", env={})
+    first = train_cli(*args, "max_steps=4", env={}, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
     run = ckpt / "avg"
     info = json.loads((run / "model" / "platescope_training.json").read_text())
@@ -274,9 +276,10 @@ def test_with_ema_decay_val_checkpoints_and_export_hold_the_average_and_a_rerun_
     moved = [k for k in trained if k in best_model and not torch.equal(trained[k], best_model[k])]
     assert len(moved) > len(trained) // 2, "the checkpoint's model is not the average"
 
-    second = train_cli(*args, "max_steps=8", env={})
+    second = train_cli(*args, "max_steps=8", env={}, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
     assert epochs_printed(second.stdout + second.stderr) == [3, 4]
+    assert [h["epoch"] for h in json.loads((run / "metrics.json").read_text())] == [1, 2, 3, 4]
     _, last_state = checkpoint(4)
     assert last_state["weight_average"]["updates"] == last_state["step"] == 8
 

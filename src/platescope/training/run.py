@@ -88,11 +88,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
 
     s3 = cfg.s3.options()
     train, val = _preflight(cfg, s3)
-    worker_cfg = cfg
-    if cfg.model and not storage.is_s3(cfg.model) and os.path.isdir(cfg.model):
-        # Ray Train runs each worker in its own directory: a relative model dir would not be found there.
-        # (The export records the config as given.)
-        worker_cfg = cfg.model_copy(update={"model": os.path.abspath(cfg.model)})
+    worker_cfg = for_workers(cfg)
     # Workers hold their CPUs for the whole run; Ray Data's decode tasks need at least one more.
     # The dashboard serves the state API Ray Train's placement-group cleaner polls (without it, it
     # warns every few seconds and cannot clean up after a dead controller).
@@ -136,6 +132,16 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def for_workers(cfg: TrainConfig) -> TrainConfig:
+    """The config as workers read it: Ray Train runs each worker in its own directory, where a relative
+    local path (the model dir to load, the storage metrics.json goes to) would point elsewhere. S3
+    URIs and hub ids stay; the export records the config as given."""
+    update = {"storage": storage.absolute(cfg.storage)}
+    if cfg.model and not storage.is_s3(cfg.model) and os.path.isdir(cfg.model):  # else a hub id
+        update["model"] = os.path.abspath(cfg.model)
+    return cfg.model_copy(update=update)
 
 
 def _best(result, *, scored: bool):
