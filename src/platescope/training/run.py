@@ -140,7 +140,7 @@ def for_workers(cfg: TrainConfig) -> TrainConfig:
     URIs and hub ids stay; the export records the config as given."""
     update = {"storage": storage.absolute(cfg.storage)}
     if cfg.model and not storage.is_s3(cfg.model) and os.path.isdir(cfg.model):  # else a hub id
-        update["model"] = os.path.abspath(cfg.model)
+        update["model"] = storage.absolute(cfg.model)
     return cfg.model_copy(update=update)
 
 
