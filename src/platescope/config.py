@@ -10,6 +10,7 @@ outputs has secrets masked.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import re
 import types
 import urllib.parse
@@ -27,7 +28,7 @@ from pydantic import (
 )
 
 from platescope.models import DEFAULT_MODEL_NMS, default_model_dir
-from platescope.storage import S3Options
+from platescope.storage import S3Options, is_s3
 
 # --------------------------------------------------------------------------------------------
 # What holds a secret: one rule for config fields (right or misspelt), job files and env vars
@@ -258,6 +259,13 @@ class EvaluateConfig(EvaluationOptions):
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials")
 
 
+def _is_the_bundled_model(model: Any) -> bool:
+    """Whether a detect config's `model` (unset, or a local path written any way) names the bundled model."""
+    if model is None:
+        return True
+    return isinstance(model, str) and not is_s3(model) and os.path.realpath(model) == default_model_dir()
+
+
 def _check_florence2_prompt(prompt: str | None) -> None:
     from platescope.detectors.florence2 import DETECTION_TASKS
 
@@ -395,7 +403,7 @@ class DetectConfig(_Strict):
         """The bundled model runs with its merging NMS unless nms_iou or nms_merge is given
         (`nms_merge=false` alone turns it off)."""
         if (isinstance(data, dict) and not {"nms_iou", "nms_merge"} & data.keys()
-                and data.get("detector", "hf") == "hf" and data.get("model", default_model_dir()) == default_model_dir()):
+                and data.get("detector", "hf") == "hf" and _is_the_bundled_model(data.get("model"))):
             data = {**data, **DEFAULT_MODEL_NMS}
         return data
 

@@ -3,6 +3,8 @@ merging NMS (`nms_merge`) moves each kept box to the score-weighted mean of thos
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -162,6 +164,7 @@ def test_the_cli_switch_sets_nms_merge():
     ({"nms_merge": False}, (None, False)),  # turned off
     ({"nms_iou": 0.7}, (0.7, False)),  # plain NMS, as asked
     ({"model": "/models/other"}, (None, False)),  # any other model: off unless asked
+    ({"model": "s3://bucket/plates-rtdetr-slim"}, (None, False)),
     ({"model": "/models/other", "nms_iou": 0.5, "nms_merge": True}, (0.5, True)),
 ])
 def test_the_bundled_model_merges_duplicates_unless_told_otherwise(values, expected):
@@ -169,3 +172,13 @@ def test_the_bundled_model_merges_duplicates_unless_told_otherwise(values, expec
 
     cfg = build_config(DetectConfig, values={"input": ["x"], "output": "y", **values})
     assert (cfg.nms_iou, cfg.nms_merge) == expected
+
+
+def test_the_bundled_model_named_by_a_relative_path_merges_duplicates_too(monkeypatch):
+    from platescope.config import DetectConfig, build_config
+    from platescope.models import default_model_dir
+
+    monkeypatch.chdir(os.path.dirname(default_model_dir()))
+    for written in ("plates-rtdetr-slim", "./plates-rtdetr-slim/"):
+        cfg = build_config(DetectConfig, values={"input": ["x"], "output": "y", "model": written})
+        assert (cfg.nms_iou, cfg.nms_merge) == (0.4, True), written
