@@ -4,9 +4,9 @@ DETR-family models are trained to give one query per object, but a briefly train
 queries find the same plate with boxes that overlap almost entirely. Greedy NMS per class removes the
 lower-scored of such pairs. Merging NMS (weighted NMS) instead makes each kept box the score-weighted
 mean of the boxes it suppresses: the queries that found one plate each place its edges a little
-differently, and their consensus is tighter than the best-scored one alone (on the shipped model's
-val set, AP75 0.391 -> 0.467; see README). Either runs on the few hundred boxes of one image after
-post-processing, in numpy (no torchvision here), in about a millisecond.
+differently, and their consensus is tighter than the best-scored one alone (on the earlier shipped
+model's val set, AP75 0.391 -> 0.467; see README). Either runs on the few hundred boxes of one image
+after post-processing, in numpy (no torchvision here), in about a millisecond.
 """
 
 from __future__ import annotations
