@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from platescope.models import DEFAULT_MODEL_NMS, default_model_dir
-from platescope.storage import S3Options, is_s3
+from platescope.storage import S3Options, absolute, is_s3
 
 # --------------------------------------------------------------------------------------------
 # What holds a secret: one rule for config fields (right or misspelt), job files and env vars
@@ -260,10 +260,11 @@ class EvaluateConfig(EvaluationOptions):
 
 
 def _is_the_bundled_model(model: Any) -> bool:
-    """Whether a detect config's `model` (unset, or a local path written any way) names the bundled model."""
+    """Whether a detect config's `model` (unset, or a local path or file:// written any way) names the bundled
+    model."""
     if model is None:
         return True
-    return isinstance(model, str) and not is_s3(model) and os.path.realpath(model) == default_model_dir()
+    return isinstance(model, str) and not is_s3(model) and os.path.realpath(absolute(model)) == default_model_dir()
 
 
 def _check_florence2_prompt(prompt: str | None) -> None:
