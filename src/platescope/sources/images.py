@@ -81,8 +81,9 @@ def decode_image_for_model(data: bytes, geometry: InputGeometry, *, name: str, m
 # A draft may come out up to this much smaller than the model's input, which the resize then enlarges
 # by at most 1/(1 - DRAFT_SLACK) = 1.11x: so a 1280x720 JPEG for a 384x384 input decodes at half
 # scale (640x360) instead of whole. Measured on the val set through `detect --ground-truth` with the
-# earlier default model (the 107 720p images are where it applies): AP 0.429 -> 0.428, AP50 0.815 ->
-# 0.819, AP75 0.385 -> 0.391; the decode and resize went from 7.7 to 3.8 ms of CPU (8.5-13 to 5.7 when busy).
+# first default model (384x384; the 107 720p images are where it applies): AP 0.429 -> 0.428, AP50
+# 0.815 -> 0.819, AP75 0.385 -> 0.391; the decode and resize went from 7.7 to 3.8 ms of CPU (8.5-13 to
+# 5.7 when busy).
 DRAFT_SLACK = 0.1
 
 
