@@ -483,6 +483,9 @@ class TrainConfig(_Strict):
     aspect_jitter: float = Field(
         0.0, ge=0, le=3, description="stretch or squeeze each training image's width by up to 1 + this "
         "factor (0: off), so plates of other shapes than the training set's are seen")
+    plate_zoom: float | None = Field(
+        None, gt=0, le=1, description="this share of training images is zoomed in or out so that one plate is "
+        "3-60 % of the image's width, drawn log-uniformly: plates at other cameras' sizes (off by default)")
     input_height: int | None = Field(
         None, ge=32, description="hf: train (and export) at this input height; with input_width (default: the "
         "model's or preset's own)")
@@ -520,9 +523,10 @@ class TrainConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _aspect_jitter_is_augmentation(self) -> TrainConfig:
-        if self.aspect_jitter and not self.augment:
-            raise ValueError("aspect_jitter: it is an augmentation, and augment is false")
+    def _jitters_are_augmentation(self) -> TrainConfig:
+        for name in ("aspect_jitter", "plate_zoom"):
+            if getattr(self, name) and not self.augment:
+                raise ValueError(f"{name}: it is an augmentation, and augment is false")
         return self
 
     @model_validator(mode="after")

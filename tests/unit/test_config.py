@@ -155,12 +155,16 @@ def test_florence2_training_fields_are_checked_before_any_work():
             build_config(TrainConfig, overrides=[*TRAIN, *overrides])
 
 
-def test_aspect_jitter_is_refused_without_augmentation_or_below_zero():
+def test_aspect_jitter_and_plate_zoom_are_refused_without_augmentation_or_out_of_range():
     from platescope.config import TrainConfig
 
     assert build_config(TrainConfig, overrides=[*TRAIN, "preset=p", "aspect_jitter=0.5"]).aspect_jitter == 0.5
+    assert build_config(TrainConfig, overrides=[*TRAIN, "preset=p", "plate_zoom=0.5"]).plate_zoom == 0.5
     cases = [(["aspect_jitter=0.5", "augment=false"], "aspect_jitter: it is an augmentation"),
-             (["aspect_jitter=-0.5"], "aspect_jitter: Input should be greater than or equal")]
+             (["aspect_jitter=-0.5"], "aspect_jitter: Input should be greater than or equal"),
+             (["plate_zoom=0.5", "augment=false"], "plate_zoom: it is an augmentation"),
+             (["plate_zoom=1.5"], "plate_zoom: Input should be less than or equal to 1"),
+             (["plate_zoom=0"], "plate_zoom: Input should be greater than 0")]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             build_config(TrainConfig, overrides=[*TRAIN, "preset=p", *overrides])

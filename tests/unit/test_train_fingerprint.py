@@ -49,6 +49,7 @@ def test_the_first_start_records_and_the_same_settings_resume(labels, tmp_path):
     ({"augment_recipe": "basic"}, 'augment_recipe "cameras" -> "basic"'),
     ({"num_workers": 4, "seed": 3}, "num_workers 2 -> 4; seed 0 -> 3"),
     ({"ema_decay": 0.999}, "ema_decay null -> 0.999"),
+    ({"plate_zoom": 0.5}, "plate_zoom null -> 0.5"),
 ])
 def test_a_rerun_that_would_train_under_other_settings_is_refused_naming_them(labels, tmp_path, change, named):
     _check(_cfg(labels, tmp_path, learning_rate=0.001))
@@ -80,15 +81,16 @@ def test_how_long_and_where_the_run_goes_and_its_export_may_change(labels, tmp_p
                 use_gpu=True, export=str(tmp_path / "x"), export_dtype="float16", num_cpus_per_worker=2))
 
 
-def test_a_run_recorded_before_ema_decay_existed_resumes_without_it_and_refuses_it(labels, tmp_path):
+@pytest.mark.parametrize("field, value", [("ema_decay", 0.99), ("plate_zoom", 0.5)])
+def test_a_run_recorded_before_a_field_existed_resumes_without_it_and_refuses_it(labels, tmp_path, field, value):
     _check(_cfg(labels, tmp_path))
     path = tmp_path / "run" / "fingerprint.json"
     older = json.loads(path.read_text())
-    del older["fields"]["ema_decay"]
+    del older["fields"][field]
     path.write_text(json.dumps(older))
     _holds_a_checkpoint(tmp_path)
-    with pytest.raises(fingerprint.TrainResumeError, match="ema_decay null -> 0.99"):
-        _check(_cfg(labels, tmp_path, ema_decay=0.99))
+    with pytest.raises(fingerprint.TrainResumeError, match=f"{field} null -> {value}"):
+        _check(_cfg(labels, tmp_path, **{field: value}))
     _check(_cfg(labels, tmp_path))
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from platescope import storage
 from platescope.evaluation.groundtruth import GroundTruth, read_ground_truth
 from platescope.storage import S3Options
+from platescope.training.plate_zoom import zoom_to_plate
 
 
 @dataclass
@@ -134,11 +135,19 @@ def augment_seed(seed: int, epoch: int, image_id: int) -> int:
 
 
 def augment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, seed: int, epoch: int, image_id: int,
-            min_box_size: float, recipe: str = "cameras",
-            aspect_jitter: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One image and its COCO xywh boxes and labels, augmented as (seed, epoch, image_id) draws."""
+            min_box_size: float, recipe: str = "cameras", aspect_jitter: float = 0.0,
+            plate_zoom: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image and its COCO xywh boxes and labels, augmented as (seed, epoch, image_id) draws:
+    with probability `plate_zoom` first zoomed to one plate (`plate_zoom.zoom_to_plate`), then the
+    recipe's Compose."""
+    draw = augment_seed(seed, epoch, image_id)
+    if plate_zoom:
+        # Its own generator from the image's seed: the Compose's draws stay as they were without it.
+        rng = np.random.default_rng([draw, 1])
+        if rng.random() < plate_zoom:
+            image, boxes, labels = zoom_to_plate(np.asarray(image), boxes, labels, rng, min_box_size=min_box_size)
     transform = transform_for(min_box_size, recipe, aspect_jitter)
-    transform.set_random_seed(augment_seed(seed, epoch, image_id))
+    transform.set_random_seed(draw)
     out = transform(image=np.asarray(image), bboxes=np.asarray(boxes, np.float32).reshape(-1, 4),
                     labels=np.asarray(labels, np.int64).reshape(-1))
     return (out["image"], np.asarray(out["bboxes"], np.float32).reshape(-1, 4),
@@ -146,13 +155,15 @@ def augment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, seed: i
 
 
 def augment_batch(batch: dict[str, np.ndarray], *, seed: int, epoch: int, min_box_size: float,
-                  recipe: str = "cameras", aspect_jitter: float = 0.0) -> dict[str, np.ndarray]:
+                  recipe: str = "cameras", aspect_jitter: float = 0.0,
+                  plate_zoom: float | None = None) -> dict[str, np.ndarray]:
     """A Ray Data numpy batch (as `dataset` yields) with every image augmented (see the module doc);
     boxes and labels come back one array per image, as augmentation may drop some."""
     images, boxes, labels = [], [], []
     for image, b, lab, image_id in zip(batch["image"], batch["boxes"], batch["labels"], batch["image_id"]):
         image, b, lab = augment(image, b, lab, seed=seed, epoch=epoch, image_id=int(image_id),
-                                min_box_size=min_box_size, recipe=recipe, aspect_jitter=aspect_jitter)
+                                min_box_size=min_box_size, recipe=recipe, aspect_jitter=aspect_jitter,
+                                plate_zoom=plate_zoom)
         images.append(image)
         boxes.append(b.reshape(-1))
         labels.append(lab)

@@ -31,8 +31,8 @@ from platescope.training.data import LabelledSet
 
 TRAINING_FIELDS = ("model", "preset", "detector", "prompt", "max_new_tokens", "lora", "num_workers",
                    "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "ema_decay",
-                   "precision", "augment", "augment_recipe", "aspect_jitter", "input_height", "input_width",
-                   "letterbox", "min_box_size", "seed")
+                   "precision", "augment", "augment_recipe", "aspect_jitter", "plate_zoom", "input_height",
+                   "input_width", "letterbox", "min_box_size", "seed")
 # A field added after runs were recorded is absent from their fingerprints; absent reads as None, so it
 # must default to None (off) for those runs to resume.
 ABOUT = "settings the weights depend on, from the run's first start; a rerun that differs refuses"

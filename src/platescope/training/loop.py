@@ -139,7 +139,8 @@ def train_loop(config: dict[str, Any]) -> None:
                                               local_shuffle_seed=cfg.seed + 1000 * epoch + rank):
             if cfg.augment:
                 batch = augment_batch(batch, seed=cfg.seed, epoch=epoch, min_box_size=cfg.min_box_size,
-                                      recipe=cfg.augment_recipe, aspect_jitter=cfg.aspect_jitter)
+                                      recipe=cfg.augment_recipe, aspect_jitter=cfg.aspect_jitter,
+                                      plate_zoom=cfg.plate_zoom)
             with autocast():
                 loss = recipe.loss(ddp, processor, batch, cfg, id2label, device)
             optimizer.zero_grad(set_to_none=True)
