@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+from platescope.detectors.geometry import clip_boxes
+
 # Plate width over image width, the range drawn from: below the smallest a road camera gives (about
 # 4 % at 1280 px), above the largest a close-up photo gives (about 50 %).
 WIDTHS = (0.03, 0.6)
@@ -49,26 +51,24 @@ def zoom_to_plate(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng:
     x1, y1 = min(width, math.ceil(left + window_w)), min(height, math.ceil(top + window_h))
     out_x0, out_y0 = round((x0 - left) * scale), round((y0 - top) * scale)
     out_x1, out_y1 = round((x1 - left) * scale), round((y1 - top) * scale)
+    if out_x1 <= out_x0 or out_y1 <= out_y0:
+        return image, boxes, labels  # the plate lies off the image (a bad label): nothing to zoom to
     fill = image.reshape(-1, image.shape[-1]).mean(axis=0) if image.ndim == 3 else image.mean()
     canvas = np.empty_like(image)
     canvas[...] = np.asarray(fill).astype(image.dtype)
-    if out_x1 > out_x0 and out_y1 > out_y0:
-        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        patch = cv2.resize(np.ascontiguousarray(image[y0:y1, x0:x1]), (out_x1 - out_x0, out_y1 - out_y0),
-                           interpolation=interpolation).reshape(out_y1 - out_y0, out_x1 - out_x0, *image.shape[2:])
-        # The patch may overhang the canvas by the window's rounding: paste the part that lands on it.
-        cx0, cy0 = max(0, out_x0), max(0, out_y0)
-        cx1, cy1 = min(width, out_x1), min(height, out_y1)
-        canvas[cy0:cy1, cx0:cx1] = patch[cy0 - out_y0:cy1 - out_y0, cx0 - out_x0:cx1 - out_x0]
-        # Boxes follow the pixels: the same mapping the patch went through, per axis.
-        sx, sy = (out_x1 - out_x0) / (x1 - x0), (out_y1 - out_y0) / (y1 - y0)
-    else:
-        sx = sy = scale
-    corners = np.stack([(boxes[:, 0] - x0) * sx + out_x0, (boxes[:, 1] - y0) * sy + out_y0,
-                        (boxes[:, 0] + boxes[:, 2] - x0) * sx + out_x0,
-                        (boxes[:, 1] + boxes[:, 3] - y0) * sy + out_y0], axis=1)
-    corners[:, [0, 2]] = corners[:, [0, 2]].clip(0, width)
-    corners[:, [1, 3]] = corners[:, [1, 3]].clip(0, height)
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    patch = cv2.resize(np.ascontiguousarray(image[y0:y1, x0:x1]), (out_x1 - out_x0, out_y1 - out_y0),
+                       interpolation=interpolation).reshape(out_y1 - out_y0, out_x1 - out_x0, *image.shape[2:])
+    # The patch may overhang the canvas by the window's rounding: paste the part that lands on it.
+    cx0, cy0 = max(0, out_x0), max(0, out_y0)
+    cx1, cy1 = min(width, out_x1), min(height, out_y1)
+    canvas[cy0:cy1, cx0:cx1] = patch[cy0 - out_y0:cy1 - out_y0, cx0 - out_x0:cx1 - out_x0]
+
+    # Boxes follow the pixels: the same mapping the patch went through, per axis.
+    stretch = np.array([(out_x1 - out_x0) / (x1 - x0), (out_y1 - out_y0) / (y1 - y0)] * 2)
+    corners = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+    corners = clip_boxes((corners - [x0, y0, x0, y0]) * stretch + [out_x0, out_y0, out_x0, out_y0],
+                         (height, width))
     mapped = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1).astype(np.float32)
     keep = (mapped[:, 2] >= max(min_box_size, 1e-3)) & (mapped[:, 3] >= max(min_box_size, 1e-3))
     return canvas, mapped[keep], labels[keep]
