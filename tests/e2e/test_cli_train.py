@@ -104,8 +104,9 @@ def _dir_bytes(path: Path) -> int:
 def test_a_float16_export_is_half_the_size_and_detects_as_the_float32_one(plates, tmp_path):
     """One run of a few steps through the CLI, exported from its best checkpoint in float32; then the
     same checkpoint exported again in float16 by the same export function (a second `train` would
-    only start Ray to do that). Augmentation is on, with aspect jitter, so the loop's seeded augmentation
-    runs too, on images whose widths then differ within a batch."""
+    only start Ray to do that). Augmentation is on, with aspect jitter and plate zoom on every image, so
+    the loop's seeded augmentation runs too, through Ray, on images whose widths then differ within a
+    batch."""
     from ray.train import Checkpoint
     from safetensors.torch import load_file
 
@@ -115,13 +116,13 @@ def test_a_float16_export_is_half_the_size_and_detects_as_the_float32_one(plates
 
     ckpt = tmp_path / "ckpt"
     args = [*OVERFIT, f"train={plates}", f"storage={ckpt}", "name=half", "num_workers=1", "max_steps=4",
-            "augment=true", "aspect_jitter=0.5", "seed=5"]
+            "augment=true", "aspect_jitter=0.5", "plate_zoom=1.0", "seed=5"]
     f32, f16 = tmp_path / "f32", tmp_path / "f16"
     proc = train_cli(*args, f"export={f32}", env={})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert epochs_printed(proc.stdout + proc.stderr) == [1, 2]  # 8 images, batch 4: two epochs, each said once
     info32 = json.loads((f32 / "platescope_training.json").read_text())
-    assert info32["training_config"]["aspect_jitter"] == 0.5
+    assert info32["training_config"]["aspect_jitter"] == 0.5 and info32["training_config"]["plate_zoom"] == 1.0
     (best,) = sorted((ckpt / "half").glob("epoch-*"))[-1:]
     cfg16 = TrainConfig(**{**info32["training_config"], "export_dtype": "float16", "export": str(f16)})
     history = export_model(Checkpoint.from_directory(str(best)), str(f16), cfg16, info32["val_metrics"],
