@@ -108,6 +108,16 @@ def canvas_target_sizes(image_sizes: list[tuple[int, int]], geometry: InputGeome
     return out
 
 
+def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    """COCO x_min, y_min, width, height boxes as x_min, y_min, x_max, y_max."""
+    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+
+
+def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    """x_min, y_min, x_max, y_max boxes as COCO x_min, y_min, width, height."""
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+
 def clip_boxes(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     """x_min, y_min, x_max, y_max boxes clipped to an image of (height, width)."""
     height, width = image_size

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from platescope import storage
 from platescope.config import EvaluateConfig
+from platescope.detectors.geometry import xywh_to_xyxy, xyxy_to_xywh
 from platescope.evaluation import metrics as metrics_mod
 from platescope.evaluation.cocoeval import Boxes, StreamingCocoEval
 from platescope.evaluation.detections import DetectionsError, DetectionsTable
@@ -66,7 +67,7 @@ def _gt_boxes(image: GroundTruthImage) -> dict[int, Boxes]:
 
 def _dt_boxes(xyxy: np.ndarray, scores: np.ndarray, cats: np.ndarray) -> dict[int, Boxes]:
     xyxy = xyxy.astype(np.float64)
-    xywh = np.column_stack([xyxy[:, 0], xyxy[:, 1], xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]])
+    xywh = xyxy_to_xywh(xyxy)
     out = {}
     for cat in np.unique(cats).tolist():
         if cat < 0:
@@ -223,7 +224,7 @@ def score_predictions(gt: GroundTruth, predictions: dict[int, tuple[np.ndarray, 
 
 def _example(uri, image: GroundTruthImage, names, xyxy, scores, cats, threshold, outcome) -> ImageExample:
     keep = (scores >= threshold) & (cats >= 0)
-    gt_xyxy = np.column_stack([image.boxes_xywh[:, :2], image.boxes_xywh[:, :2] + image.boxes_xywh[:, 2:]])
+    gt_xyxy = xywh_to_xyxy(image.boxes_xywh)
     return ImageExample(
         source_uri=uri, key=image.key, width=image.width, height=image.height,
         gt_boxes=gt_xyxy.tolist(), gt_labels=[names[c] for c in image.category_ids.tolist()],

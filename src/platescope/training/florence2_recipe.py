@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from platescope.detectors.geometry import xywh_to_xyxy
 from platescope.detectors.loading import resolve_adapter, resolve_model
 from platescope.training.data import processor_inputs
 from platescope.training.lineage import BASE_INFO_KEY, base_model_record
@@ -69,7 +70,7 @@ def answer(boxes_xywh: np.ndarray, labels: np.ndarray, id2label: dict[int, str],
     boxes = np.asarray(boxes_xywh, np.float32).reshape(-1, 4)
     if not len(boxes):
         return ""
-    xyxy = np.column_stack([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]])
+    xyxy = xywh_to_xyxy(boxes)
     bins = processor.post_processor.quantize(torch.from_numpy(xyxy), size).reshape(-1, 4).tolist()
     order = sorted(range(len(boxes)), key=lambda i: (bins[i][1], bins[i][0]))
     budget = max_tokens - 2  # <s> and </s>

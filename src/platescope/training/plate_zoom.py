@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from platescope.detectors.geometry import clip_boxes
+from platescope.detectors.geometry import clip_boxes, xywh_to_xyxy, xyxy_to_xywh
 
 # Plate width over image width, the range drawn from: below the smallest a road camera gives (about
 # 4 % at 1280 px), above the largest a close-up photo gives (about 50 %).
@@ -66,9 +66,7 @@ def zoom_to_plate(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng:
 
     # Boxes follow the pixels: the same mapping the patch went through, per axis.
     stretch = np.array([(out_x1 - out_x0) / (x1 - x0), (out_y1 - out_y0) / (y1 - y0)] * 2)
-    corners = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
-    corners = clip_boxes((corners - [x0, y0, x0, y0]) * stretch + [out_x0, out_y0, out_x0, out_y0],
-                         (height, width))
-    mapped = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1).astype(np.float32)
+    corners = (xywh_to_xyxy(boxes) - [x0, y0, x0, y0]) * stretch + [out_x0, out_y0, out_x0, out_y0]
+    mapped = xyxy_to_xywh(clip_boxes(corners, (height, width))).astype(np.float32)
     keep = (mapped[:, 2] >= max(min_box_size, 1e-3)) & (mapped[:, 3] >= max(min_box_size, 1e-3))
     return canvas, mapped[keep], labels[keep]
