@@ -19,6 +19,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 
+from platescope.detectors.geometry import xyxy_to_xywh
 from platescope.evaluation.cocoeval import box_iou
 from platescope.evaluation.groundtruth import read_ground_truth
 from platescope.evaluation.matching import ImageMatcher
@@ -39,7 +40,7 @@ def matched_pairs(run: str, ground_truth: str, min_score: float, min_iou: float)
         boxes = np.asarray(row["boxes"], np.float64).reshape(-1, 4)[np.asarray(row["scores"]) >= min_score]
         if not len(boxes) or not len(image.boxes_xywh):
             continue
-        xywh = np.column_stack([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]])
+        xywh = xyxy_to_xywh(boxes)
         iou = box_iou(xywh, image.boxes_xywh, np.zeros(len(image.boxes_xywh), bool))
         for label in range(len(image.boxes_xywh)):
             best = int(iou[:, label].argmax())
